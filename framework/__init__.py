@@ -1,0 +1,1 @@
+"""Shared cores of the training framework: config, distributed, engine, trainer, checkpoints, data."""

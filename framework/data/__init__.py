@@ -1,0 +1,1 @@
+"""Sharded data loading: shard index and assignment, tar reading, packed text streams."""

@@ -1,0 +1,1 @@
+"""Diffusion objectives and samplers as pure functions: gaussian, flow (rectified flow), masked (LLaDA)."""

@@ -1,0 +1,210 @@
+"""Masked diffusion for text (LLaDA, Nie et al. 2025, "Large Language Diffusion Models").
+
+Forward process: at time t ~ U(0, 1) every token is replaced by the mask token independently with
+probability p_mask = (1 - eps) t + eps. The model predicts all masked tokens at once, with no time input.
+Training minimises the ELBO bound on the NLL
+
+    L = -E_{t, x_t} [ 1/t * sum_{i masked} log p_theta(x_0^i | x_t) ],
+
+estimated per batch as sum_{b, i masked} CE_{b,i} / p_mask_b / (B * L).
+Every random draw takes an explicit torch.Generator so a run resumes bit-exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ModelFn = Callable[[Tensor], Tensor]  # noisy ids (B, L) -> logits (B, L, V)
+
+
+def sample_mask_ratio(
+    batch: int, gen: torch.Generator, eps: float = 1e-3, antithetic: bool = False
+) -> Tensor:
+    """Per-sequence mask probability p_mask = (1 - eps) t + eps, t ~ U(0, 1): (B,) float32.
+
+    antithetic: stratified t_i = (u + i / B) mod 1 from one uniform u, so a batch covers [0, 1) evenly
+    and the loss variance across t drops.
+    """
+    if antithetic:
+        u = torch.rand(1, generator=gen, device=gen.device)
+        t = (u + torch.arange(batch, device=gen.device, dtype=torch.float32) / batch) % 1.0
+    else:
+        t = torch.rand(batch, generator=gen, device=gen.device)
+    return (1.0 - eps) * t + eps
+
+
+def forward_mask(
+    input_ids: Tensor,
+    p_mask: Tensor,
+    mask_id: int,
+    gen: torch.Generator,
+    maskable: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Mask each token with probability p_mask[row]: ids (B, L), p_mask (B,) -> (noisy_ids, masked) (B, L).
+
+    maskable: (B, L) bool, False positions are never masked (SFT keeps the prompt clean).
+    """
+    u = torch.rand(input_ids.shape, generator=gen, device=input_ids.device)
+    masked = u < p_mask.to(input_ids.device)[:, None]
+    if maskable is not None:
+        masked = masked & maskable.to(torch.bool)
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
+    return noisy, masked
+
+
+def random_length_crop(batch: int, seq_len: int, gen: torch.Generator, prob: float = 0.01) -> Tensor:
+    """Keep mask (B, L) bool: with probability prob a row keeps only positions < a length ~ U{1..L}.
+
+    LLaDA trains 1% of its data at random lengths so the model is not tied to the full context length;
+    done per row (not per batch) so one draw never crops a whole batch.
+    """
+    crop_row = torch.rand(batch, generator=gen, device=gen.device) < prob
+    # Drawn for every row so the generator advances the same way whatever the coin flips gave.
+    lengths = torch.randint(1, seq_len + 1, (batch,), generator=gen, device=gen.device)
+    keep = torch.arange(seq_len, device=gen.device)[None, :] < lengths[:, None]
+    return keep | ~crop_row[:, None]
+
+
+def masked_diffusion_loss(
+    logits: Tensor,
+    targets: Tensor,
+    masked: Tensor,
+    p_mask: Tensor,
+    loss_mask: Tensor | None = None,
+) -> Tensor:
+    """LLaDA loss sum_{masked} CE / p_mask[row] / (B * L): logits (B, L, V), targets, masked (B, L) -> ()."""
+    weight_positions = masked if loss_mask is None else masked & loss_mask.to(torch.bool)
+    # Only the selected rows of the logits go to float32: a full (B, L, V) fp32 copy is large at V=126k.
+    picked_logits = logits[weight_positions].float()
+    picked_targets = targets[weight_positions]
+    inv_p = (1.0 / p_mask.float())[:, None].expand_as(targets)[weight_positions]
+    ce = F.cross_entropy(picked_logits, picked_targets, reduction="none")
+    return (ce * inv_p).sum() / targets.numel()
+
+
+@torch.no_grad()
+def elbo_bits_per_token(
+    model_fn: ModelFn,
+    input_ids: Tensor,
+    mask_id: int,
+    gen: torch.Generator,
+    num_samples: int,
+    eps: float = 1e-3,
+) -> Tensor:
+    """Monte Carlo upper bound on the NLL in bits per token (LLaDA ELBO): ids (B, L) -> () float32.
+
+    Each sample draws t per row, masks, and evaluates the training loss; the mean over samples is an
+    unbiased estimate of the ELBO in nats per token, divided by ln 2 for bits.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+    for _ in range(num_samples):
+        p_mask = sample_mask_ratio(input_ids.shape[0], gen, eps=eps).to(input_ids.device)
+        noisy, masked = forward_mask(input_ids, p_mask, mask_id, gen)
+        total += masked_diffusion_loss(model_fn(noisy), input_ids, masked, p_mask)
+    return total / num_samples / math.log(2.0)
+
+
+def num_transfer_tokens(mask_count: Tensor, steps: int) -> Tensor:
+    """Tokens to unmask per step, split evenly with the remainder on the first steps: (B,) -> (B, steps).
+
+    Same as LLaDA's `get_num_transfer_tokens`.
+    """
+    base = mask_count[:, None] // steps
+    remainder = mask_count[:, None] % steps
+    step_index = torch.arange(steps, device=mask_count.device)[None, :]
+    return (base + (step_index < remainder).long()).long()
+
+
+def add_gumbel_noise(logits: Tensor, temperature: float, gen: torch.Generator | None = None) -> Tensor:
+    """Gumbel-max scores exp(logits) / (-log u)^temperature in float64 (LLaDA): (B, L, V) -> same shape.
+
+    argmax of the result samples softmax(logits / temperature); float64 because low-precision Gumbel
+    noise lowers generation quality of masked diffusion models (Zheng et al. 2024, arXiv:2409.02908),
+    which is why the LLaDA reference sampler uses it.
+    """
+    if temperature == 0.0:
+        return logits
+    logits = logits.to(torch.float64)
+    u = torch.rand(logits.shape, dtype=torch.float64, generator=gen, device=logits.device)
+    return logits.exp() / (-torch.log(u)) ** temperature
+
+
+@torch.no_grad()
+def generate(
+    model_fn: ModelFn,
+    prompt_ids: Tensor,
+    *,
+    gen_length: int,
+    steps: int,
+    block_length: int,
+    mask_id: int,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    gen: torch.Generator | None = None,
+    eos_id: int | None = None,
+) -> Tensor:
+    """LLaDA semi-autoregressive parallel unmasking: prompt (B, P) -> ids (B, P + gen_length).
+
+    The answer starts fully masked and is decoded block by block (block_length tokens, left to right).
+    Within a block, each of steps // num_blocks steps predicts every position, then commits the k most
+    confident predictions among the block's still-masked positions (k from `num_transfer_tokens`).
+    remasking: "low_confidence" ranks by the softmax probability of the prediction, "random" uniformly.
+    eos_id: when given, a row whose committed EOS has no mask before it is finished; decoding stops once
+    all rows are finished, and every position after a row's first EOS is returned as eos_id.
+    """
+    if gen_length % block_length:
+        raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks or steps < num_blocks:
+        raise ValueError(f"steps={steps} must be a positive multiple of num_blocks={num_blocks}")
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"remasking={remasking!r}; valid: 'low_confidence', 'random'")
+    steps_per_block = steps // num_blocks
+    batch, prompt_len = prompt_ids.shape
+    x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long, device=prompt_ids.device)
+    x[:, :prompt_len] = prompt_ids
+    positions = torch.arange(x.shape[1], device=x.device)
+
+    for block in range(num_blocks):
+        start = prompt_len + block * block_length
+        in_block = (positions >= start) & (positions < start + block_length)
+        transfers = num_transfer_tokens((x[:, in_block] == mask_id).sum(dim=1), steps_per_block)
+        for step in range(steps_per_block):
+            candidates = (x == mask_id) & in_block
+            logits = model_fn(x)
+            x0 = add_gumbel_noise(logits, temperature, gen).argmax(dim=-1)
+            if remasking == "low_confidence":
+                probs = F.softmax(logits.float(), dim=-1)
+                confidence = probs.gather(-1, x0[..., None]).squeeze(-1)
+            else:
+                confidence = torch.rand(x0.shape, generator=gen, device=x0.device)
+            confidence = torch.where(candidates, confidence, -math.inf)
+            for row in range(batch):
+                chosen = confidence[row].topk(int(transfers[row, step])).indices
+                x[row, chosen] = x0[row, chosen]
+            if eos_id is not None and bool(_finished(x, prompt_len, mask_id, eos_id).all()):
+                return _fill_after_eos(x, prompt_len, eos_id)
+    return x if eos_id is None else _fill_after_eos(x, prompt_len, eos_id)
+
+
+def _finished(x: Tensor, prompt_len: int, mask_id: int, eos_id: int) -> Tensor:
+    """Rows whose answer has an EOS with no mask before it: (B, P + G) -> (B,) bool."""
+    answer = x[:, prompt_len:]
+    is_eos = answer == eos_id
+    # Count masks strictly before each position; a row is done at an EOS preceded by none.
+    masks_before = torch.cumsum((answer == mask_id).long(), dim=1) - (answer == mask_id).long()
+    return (is_eos & (masks_before == 0)).any(dim=1)
+
+
+def _fill_after_eos(x: Tensor, prompt_len: int, eos_id: int) -> Tensor:
+    """Replace everything after the first EOS of each answer by eos_id: (B, P + G) -> same shape."""
+    answer = x[:, prompt_len:]
+    after_eos = torch.cumsum((answer == eos_id).long(), dim=1) > 0
+    out = x.clone()
+    out[:, prompt_len:] = torch.where(after_eos, torch.full_like(answer, eos_id), answer)
+    return out

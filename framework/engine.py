@@ -1,0 +1,79 @@
+"""DeepSpeed configuration from our config, and engine construction."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from framework import distributed as dist
+from framework.config import RunConfig
+
+
+def deepspeed_config(cfg: RunConfig, world: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON config our typed config implies (one place, so nothing drifts)."""
+    t, o = cfg.train, cfg.optim
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage >= 1:
+        zero.update(overlap_comm=dist.has_cuda(), contiguous_gradients=True, reduce_bucket_size=5e7)
+    if t.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": dist.has_cuda()}
+    ds: dict[str, Any] = {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum(world),
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "optimizer": {
+            "type": "AdamW",
+            # torch's AdamW everywhere: FusedAdam would be JIT-compiled (minutes, needs nvcc) for little gain
+            # at the sizes this runs on CPU; on GPUs torch's foreach AdamW is within a few percent.
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+                       "torch_adam": True, "adam_w_mode": True},
+        },
+        # ZeRO-Offload normally insists on DeepSpeedCPUAdam (a JIT-built op); torch AdamW works too.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    if t.precision == "bf16":
+        # Keep gradient accumulation and reductions in fp32 so bf16 runs stay close to fp32 ones.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms, biases and gains (1-D tensors) get no weight decay."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def model_init_context(ds_config: dict) -> contextlib.AbstractContextManager:
+    """Under ZeRO-3 build parameters already partitioned, so no rank ever holds the full model."""
+    if ds_config["zero_optimization"]["stage"] == 3:
+        import deepspeed
+
+        return deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=None)
+    return contextlib.nullcontext()
+
+
+def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict) -> Any:
+    """Wrap the trainable model in a DeepSpeed engine with AdamW from the config."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
+                                           config=ds_config)
+    return engine
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

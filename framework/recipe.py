@@ -1,0 +1,105 @@
+"""The trainer/recipe boundary and the registry that maps a preset's `recipe:` name to a recipe.
+
+A recipe supplies what differs between model families; the trainer owns everything else (loop,
+accumulation, clipping, LR, EMA, logging, eval cadence, checkpoints, resume, signals).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from framework.config import ConfigError, RunConfig, apply_overrides, check_common, from_dict, read_preset
+
+
+@dataclass
+class Built:
+    """What `Recipe.build_model` returns.
+
+    `model` is the trainable module that goes into the DeepSpeed engine; `helpers` are frozen modules
+    (VAE, text encoder, teacher) kept outside it: eval mode, no grads, never checkpointed as trainable.
+    """
+
+    model: torch.nn.Module
+    helpers: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+
+class Recipe:
+    """Base class of a recipe. Subclasses set `name` and `config_class` and implement the hooks."""
+
+    name: str = ""
+    config_class: type[RunConfig] = RunConfig
+
+    def validate(self, cfg: RunConfig, world: int) -> None:
+        """Raise ConfigError for combinations only this recipe knows are impossible."""
+
+    def describe(self, cfg: RunConfig) -> str:
+        """A one-line summary (parameters, FLOPs per unit) printed at start."""
+        return ""
+
+    def build_model(self, cfg: RunConfig) -> Built:
+        raise NotImplementedError
+
+    def build_data(self, cfg: RunConfig, split: str, rank: int, world: int, batch_multiple: int = 1) -> Iterable:
+        """An iterable of batches (dicts of tensors) with state_dict()/load_state_dict()."""
+        raise NotImplementedError
+
+    def loss(self, cfg: RunConfig, model: Any, helpers: dict, batch: dict,
+             gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """(scalar loss, scalar metrics); `gen` is seeded by (seed, step, rank, micro-step)."""
+        raise NotImplementedError
+
+    def work(self, cfg: RunConfig, batch: dict) -> tuple[float, float]:
+        """(units, training FLOPs) of one micro-batch: units are tokens, frames or latent tokens."""
+        return 0.0, 0.0
+
+    def evaluate(self, model: Any, helpers: dict, cfg: RunConfig, rank: int, world: int, step: int) -> dict:
+        """Runs on every rank; returns scalar metrics already reduced across ranks."""
+        return {}
+
+    def sample(self, model: Any, helpers: dict, cfg: RunConfig, rank: int, world: int, step: int,
+               out_dir: str) -> list[str]:
+        """Runs on every rank; rank 0 writes the samples and returns their paths (text, files)."""
+        return []
+
+    def export(self, state_dict: dict, cfg: RunConfig, fmt: str, out_dir: str) -> None:
+        """Formats beyond plain safetensors (`hf`, `diffusers`)."""
+        raise ConfigError(f"recipe '{self.name}' cannot export format '{fmt}'")
+
+    def export_assets(self, cfg: RunConfig, out_dir: str) -> list[str]:
+        """Copy what loading the weights needs besides them (tokenizer files); returns the paths."""
+        return []
+
+
+# Recipes register lazily so that importing the framework never imports every model family.
+RECIPES: dict[str, str] = {
+    "llada": "recipes.llada.recipe:LladaRecipe",
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """Instantiate the recipe registered under `name`; unknown names list the known ones."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe '{name}' (known: {', '.join(sorted(RECIPES))})")
+    module_name, cls_name = RECIPES[name].split(":")
+    return getattr(importlib.import_module(module_name), cls_name)()
+
+
+def load_run_config(preset: str | dict, overrides: list[str], world: int) -> tuple[RunConfig, Recipe]:
+    """Preset file (or dict) + overrides -> validated, typed config and its recipe."""
+    tree = read_preset(preset) if not isinstance(preset, dict) else dict(preset)
+    tree = apply_overrides(tree, overrides)
+    if "run_dir" not in tree and not isinstance(preset, dict):
+        tree["run_dir"] = f"runs/{Path(preset).stem}"
+    if not tree.get("recipe"):
+        raise ConfigError(f"the preset must name its recipe, e.g. 'recipe: llada' (known: {', '.join(RECIPES)})")
+    recipe = get_recipe(str(tree["recipe"]))
+    cfg = from_dict(recipe.config_class, tree)
+    check_common(cfg, world)
+    recipe.validate(cfg, world)
+    return cfg, recipe

@@ -1,0 +1,202 @@
+"""The one training loop every recipe runs. Read it top to bottom: `train()` is the whole story."""
+
+from __future__ import annotations
+
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from framework import checkpoint
+from framework import distributed as dist
+from framework import engine as engine_lib
+from framework.config import RunConfig, to_dict
+from framework.ema import ShardedEMA
+from framework.metrics import Logger, mfu, peak_tflops
+from framework.recipe import Recipe
+from framework.rng import capture_rng, restore_rng, seed_everything, step_generator
+from framework.schedule import lr_at
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step run by this call
+    preempted: bool = False
+    checkpoint: str | None = None
+    eval: dict = field(default_factory=dict)
+
+
+class PreemptionSignal:
+    """SIGTERM / SIGUSR1 set a flag; the loop saves at the next step boundary and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.received = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def freeze(helpers: dict[str, torch.nn.Module], device: torch.device, dtype: torch.dtype) -> dict:
+    """Frozen helpers: eval mode, no grads, compute dtype, on the device; never in the optimizer."""
+    for module in helpers.values():
+        module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    return helpers
+
+
+def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
+    dist.init()
+    rank, world, device = dist.rank(), dist.world(), dist.device()
+    accum = cfg.grad_accum(world)
+
+    # Where we resume from decides the DeepSpeed config (universal loading), so find it first.
+    ckpt = checkpoint.resolve(cfg.resume, cfg.run_dir)
+    universal = ckpt is not None and checkpoint.needs_universal(ckpt, world)
+    ds_config = engine_lib.deepspeed_config(cfg, world, load_universal=universal)
+
+    seed_everything(cfg.train.seed)
+    with engine_lib.model_init_context(ds_config):
+        built = recipe.build_model(cfg)
+    compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    helpers = freeze(built.helpers, device, compute_dtype)
+    engine = engine_lib.initialize(built.model, cfg, ds_config)
+    data = recipe.build_data(cfg, "train", rank, world, batch_multiple=accum)
+    ema = ShardedEMA(engine.module, cfg.ema.decay, rank, world) if cfg.ema.decay > 0 else None
+
+    step = 0
+    if ckpt is not None:
+        if universal:
+            checkpoint.make_universal(ckpt)
+        checkpoint.load_engine(engine, ckpt, universal)
+        step = _restore_trainer_state(ckpt, data, ema, rank, world)
+
+    config_dict = to_dict(cfg)
+    if dist.is_main():
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run_dir) / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    logger = Logger(cfg.run_dir, config_dict, main=dist.is_main(), total_steps=cfg.train.steps, start_step=step,
+                    wandb_mode=cfg.log.wandb, project=cfg.log.project, progress=cfg.log.progress)
+    summary = recipe.describe(cfg)
+    logger.write(f"[{recipe.name}] {summary} | world {world}, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, "
+                 f"micro {cfg.train.micro_batch} x accum {accum} x world {world} = {cfg.train.global_batch}"
+                 + (f" | resumed from {ckpt} at step {step}" if ckpt else ""))
+
+    preempt = PreemptionSignal()
+    peak = peak_tflops(cfg.log.peak_tflops)
+    result = TrainResult(step=step)
+    batches = iter(data)
+    saved_at = -1
+    while step < cfg.train.steps:
+        t_start = time.perf_counter()
+        lr = lr_at(step, base_lr=cfg.optim.lr, total_steps=cfg.train.steps, warmup_steps=cfg.optim.warmup_steps,
+                   schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)
+        engine_lib.set_lr(engine, lr)
+        engine.train()
+        wait = units = flops = 0.0
+        sums: dict[str, float] = {}
+        for micro in range(accum):
+            t_wait = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t_wait
+            batch = to_device(batch, device)
+            gen = step_generator(cfg.train.seed, step, rank, micro, device=device)
+            loss, metrics = recipe.loss(cfg, engine, helpers, batch, gen)
+            engine.backward(loss)
+            engine.step()
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / accum
+            u, f = recipe.work(cfg, batch)
+            units, flops = units + u, flops + f
+        step += 1
+        if ema is not None and step > cfg.ema.start_step:
+            ema.update()
+
+        # One collective per step: metric means, work sums, and whether any rank was told to stop.
+        keys = sorted(sums)
+        reduced = dist.all_reduce([sums[k] for k in keys] + [units, flops, wait, float(preempt.received)], op="sum")
+        means = {k: v / world for k, v in zip(keys, reduced)}
+        units, flops, wait, stop = reduced[len(keys):]
+        result.losses.append(means["loss"])
+        seconds = time.perf_counter() - t_start
+        if step % cfg.log.every == 0 or step == cfg.train.steps:
+            grad_norm = engine.get_global_grad_norm()
+            logger.log(step, {**means, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                              "units_per_s": units / seconds, "data_wait_pct": 100.0 * wait / world / seconds,
+                              "step_s": seconds, **({"mfu": mfu(flops / seconds, peak, world)} if peak else {})})
+        logger.advance()
+
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+            result.eval = _evaluate(recipe, engine, helpers, cfg, rank, world, step, logger)
+        due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+        if due or stop > 0 or step == cfg.train.steps:
+            state = _trainer_state(step, data, ema, rank, world)
+            result.checkpoint = str(checkpoint.save(engine, cfg.run_dir, step, state, config_dict,
+                                                    cfg.checkpoint.keep_last))
+            saved_at = step
+        if stop > 0:
+            logger.write(f"preemption signal received: saved step {step} to {result.checkpoint}, exiting")
+            result.preempted = True
+            break
+
+    if not result.preempted and cfg.eval.at_end:
+        result.eval = _evaluate(recipe, engine, helpers, cfg, rank, world, step, logger)
+    result.step = step
+    if saved_at != step and step > 0 and not result.preempted:  # e.g. resumed at the end already
+        result.checkpoint = str(checkpoint.complete_checkpoints(Path(cfg.run_dir) / "checkpoints")[-1])
+    logger.close()
+    return result
+
+
+def _evaluate(recipe: Recipe, engine: Any, helpers: dict, cfg: RunConfig, rank: int, world: int, step: int,
+              logger: Logger) -> dict:
+    """Evaluation and sampling run on every rank (each does its share) so nobody idles into a timeout."""
+    engine.eval()
+    with torch.no_grad():
+        values = recipe.evaluate(engine, helpers, cfg, rank, world, step)
+        out_dir = str(Path(cfg.run_dir) / "samples" / checkpoint.tag_for(step))
+        lines = recipe.sample(engine, helpers, cfg, rank, world, step, out_dir) if cfg.eval.samples else []
+    engine.train()
+    if values:
+        logger.log(step, {f"eval/{k}": v for k, v in values.items()})
+        logger.write(f"eval @ {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    for line in lines:
+        logger.write(f"sample @ {step}: {line}")
+    return values
+
+
+def _trainer_state(step: int, data: Any, ema: ShardedEMA | None, rank: int, world: int) -> dict:
+    """Everything of ours a resume needs, as plain types and tensors (loadable with weights_only=True)."""
+    return {"step": step, "rank": rank, "world": world, "data": data.state_dict(), "rng": capture_rng(),
+            "ema": ema.state_dict() if ema is not None else None}
+
+
+def _restore_trainer_state(ckpt: Path, data: Any, ema: ShardedEMA | None, rank: int, world: int) -> int:
+    states = checkpoint.trainer_states(ckpt)
+    same_world = len(states) == world
+    if ema is not None:
+        if states[0]["ema"] is None:
+            warnings.warn(f"{ckpt} has no EMA: starting the EMA from the loaded weights", stacklevel=2)
+        else:
+            ema.load_state_dict([s["ema"] for s in states])
+    if same_world:
+        own = states[rank]
+        data.load_state_dict(own["data"])
+        restore_rng(own["rng"])
+    else:
+        # Another world size splits shards differently, so the old cursors do not apply: restart the epoch
+        # the checkpoint was in under the new split (samples already seen in that epoch may repeat).
+        epoch = int(states[0]["data"].get("epoch", 0))
+        data.start_epoch(epoch)
+        dist.print0(f"world size changed {len(states)} -> {world}: data restarts epoch {epoch} under the new split")
+    return int(states[0]["step"])

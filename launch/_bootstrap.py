@@ -1,0 +1,8 @@
+"""Make `framework` and `recipes` importable when a launch script runs from a plain clone."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))

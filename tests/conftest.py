@@ -1,0 +1,56 @@
+"""Shared test fixtures: tiny real text corpora, a trained sentencepiece tokenizer and token shards."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The data/ tools are scripts that import their siblings by bare name, as they do when run from the shell.
+sys.path.insert(0, str(REPO / "data"))
+
+WORDS = ("the a of to and in is was for on that with as by at from his her it an were are which this be has "
+         "had not but river mountain station engine market garden council minister storm village farmers "
+         "police report morning spoke said would could people water power school years after before").split()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "network: needs PyPI (pip download)")
+
+
+def english_docs(n: int, seed: int = 0, min_words: int = 5, max_words: int = 120) -> list[str]:
+    """n distinct English-like documents of a few sentences each."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n):
+        words = [str(w) for w in rng.choice(WORDS, rng.integers(min_words, max_words + 1))]
+        words[0] = words[0].capitalize()
+        docs.append(f"Report {i}. " + " ".join(words) + ".")
+    return docs
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real sentencepiece model (vocab ~400) trained on generated text; returns PREFIX.model."""
+    from build_tokenizer import train_tokenizer
+
+    prefix = tmp_path_factory.mktemp("tok") / "tok"
+    train_tokenizer(english_docs(200, seed=123), prefix, vocab_size=400)
+    return Path(f"{prefix}.model")
+
+
+@pytest.fixture
+def make_shards(tmp_path: Path, tokenizer: Path) -> Callable[..., Path]:
+    """Build shards from n generated documents into a fresh folder; returns the folder."""
+    from text_to_shards import write_shards
+
+    def make(n_docs: int = 120, shard_tokens: int = 600, seed: int = 0, name: str = "shards") -> Path:
+        out = tmp_path / name
+        write_shards(english_docs(n_docs, seed), tokenizer, out, shard_tokens, progress=False)
+        return out
+
+    return make

@@ -1,0 +1,246 @@
+"""LLaDA masked diffusion: mask ratios, forward masking, loss, ELBO and the parallel-unmasking sampler."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from framework.diffusion.masked import (
+    elbo_bits_per_token,
+    forward_mask,
+    generate,
+    masked_diffusion_loss,
+    num_transfer_tokens,
+    random_length_crop,
+    sample_mask_ratio,
+)
+
+MASK = 3
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_loss_hand_computed():
+    # Position 1 is masked: softmax([0, 0, ln 2])[2] = 2 / 4, so CE = ln 2; weight 1 / p_mask = 2;
+    # divided by B * L = 2. Position 0 is unmasked and its (bad) logits must not count.
+    logits = torch.tensor([[[9.0, 0.0, 0.0], [0.0, 0.0, math.log(2.0)]]])
+    targets = torch.tensor([[2, 2]])
+    masked = torch.tensor([[False, True]])
+    loss = masked_diffusion_loss(logits, targets, masked, torch.tensor([0.5]))
+    expected = math.log(2.0) / 0.5 / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.item() == pytest.approx(0.693147, rel=1e-5)
+
+
+def test_loss_respects_loss_mask_and_row_weights():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5)
+    targets = torch.randint(0, 5, (2, 4))
+    masked = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    loss_mask = torch.tensor([[True, False, True, True], [True, True, True, False]])
+    p_mask = torch.tensor([0.25, 0.8])
+    ce = F.cross_entropy(logits.reshape(-1, 5), targets.reshape(-1), reduction="none").view(2, 4)
+    w = (masked & loss_mask).float() / p_mask[:, None]
+    expected = (ce * w).sum() / 8
+    loss = masked_diffusion_loss(logits.bfloat16(), targets, masked, p_mask, loss_mask)
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0)
+    assert loss.dtype == torch.float32
+
+
+def test_sample_mask_ratio_range_and_determinism():
+    p = sample_mask_ratio(1000, gen(1), eps=0.1)
+    assert p.shape == (1000,) and p.min() >= 0.1 and p.max() <= 1.0
+    torch.testing.assert_close(p, sample_mask_ratio(1000, gen(1), eps=0.1))
+
+
+def test_antithetic_t_is_stratified():
+    batch, eps = 16, 1e-3
+    t = (sample_mask_ratio(batch, gen(2), eps=eps, antithetic=True) - eps) / (1 - eps)
+    strata = torch.floor(t * batch).long().sort().values
+    # one t in each interval [i / B, (i + 1) / B): the batch spans the whole range
+    assert torch.equal(strata, torch.arange(batch))
+    gaps = t.sort().values.diff()
+    torch.testing.assert_close(gaps, torch.full_like(gaps, 1 / batch), atol=1e-5, rtol=0)
+
+
+def test_forward_mask_rate_and_maskable():
+    ids = torch.randint(5, 100, (64, 512), generator=gen(3))
+    p_mask = torch.linspace(0.05, 0.95, 64)
+    noisy, masked = forward_mask(ids, p_mask, MASK, gen(4))
+    assert torch.equal(noisy == MASK, masked)
+    assert torch.equal(noisy[~masked], ids[~masked])
+    rate = masked.float().mean(dim=1)
+    assert (rate - p_mask).abs().max() < 0.08  # 4+ sigma at L=512
+    assert abs(rate.mean() - p_mask.mean()) < 0.01
+
+    maskable = torch.zeros_like(ids, dtype=torch.bool)
+    maskable[:, 200:] = True  # prompt = first 200 tokens
+    noisy, masked = forward_mask(ids, torch.full((64,), 0.99), MASK, gen(5), maskable=maskable)
+    assert not masked[:, :200].any() and torch.equal(noisy[:, :200], ids[:, :200])
+    assert masked[:, 200:].float().mean() > 0.97
+
+
+def test_random_length_crop_fraction_and_shape():
+    keep = random_length_crop(20000, 32, gen(6), prob=0.1)
+    cropped = ~keep.all(dim=1)
+    # rows that drew length == L look uncropped: expected fraction 0.1 * 31 / 32
+    assert abs(cropped.float().mean().item() - 0.1 * 31 / 32) < 0.01
+    assert keep[:, 0].all()  # every row keeps at least one token
+    assert torch.equal(keep, keep.cummin(dim=1).values)  # kept positions form a prefix
+
+
+def test_random_length_crop_never_whole_batch_at_one_percent():
+    for seed in range(50):
+        keep = random_length_crop(64, 128, gen(seed), prob=0.01)
+        assert (~keep.all(dim=1)).sum() < 64 // 2
+
+
+def test_num_transfer_tokens_even_split_remainder_first():
+    out = num_transfer_tokens(torch.tensor([10, 4, 0]), 4)
+    assert out.tolist() == [[3, 3, 2, 2], [1, 1, 1, 1], [0, 0, 0, 0]]
+
+
+def test_elbo_of_uniform_model_is_log2_vocab():
+    vocab = 16
+    ids = torch.randint(0, vocab, (4, 32), generator=gen(7))
+
+    def uniform(x):
+        return torch.zeros(*x.shape, vocab)
+
+    bits = elbo_bits_per_token(uniform, ids, MASK, gen(8), num_samples=200)
+    assert bits.item() == pytest.approx(math.log2(vocab), rel=0.1)
+
+
+def test_elbo_of_oracle_is_near_zero():
+    ids = torch.randint(0, 16, (4, 32), generator=gen(9))
+
+    def oracle(x):
+        return F.one_hot(ids, 16).float() * 50.0
+
+    assert elbo_bits_per_token(oracle, ids, MASK, gen(10), num_samples=4).item() < 1e-6
+
+
+class TableModel:
+    """Deterministic toy denoiser: logits depend on position and the tokens seen; records its inputs."""
+
+    def __init__(self, vocab: int = 12, seed: int = 0) -> None:
+        g = gen(seed)
+        self.pos_table = torch.randn(64, vocab, generator=g)
+        self.tok_table = torch.randn(vocab, vocab, generator=g)
+        self.inputs: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.clone())
+        context = self.tok_table[x].mean(dim=1, keepdim=True)  # every position sees all tokens
+        return 3.0 * (self.pos_table[: x.shape[1]] + context)
+
+
+def test_generate_one_token_per_step_and_no_mask_left():
+    model = TableModel()
+    prompt = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    out = generate(model, prompt, gen_length=8, steps=8, block_length=8, mask_id=MASK)
+    assert out.shape == (2, 11) and torch.equal(out[:, :3], prompt)
+    assert len(model.inputs) == 8
+    masks_seen = [(x[:, 3:] == MASK).sum(dim=1).tolist() for x in model.inputs]
+    assert masks_seen == [[8 - s, 8 - s] for s in range(8)]
+    assert not (out == MASK).any()
+
+
+def test_generate_temperature_zero_is_deterministic():
+    prompt = torch.tensor([[5, 6, 7]])
+    a = generate(TableModel(), prompt, gen_length=8, steps=4, block_length=4, mask_id=MASK)
+    b = generate(TableModel(), prompt, gen_length=8, steps=4, block_length=4, mask_id=MASK)
+    assert torch.equal(a, b)
+    c = generate(
+        TableModel(), prompt, gen_length=8, steps=4, block_length=4, mask_id=MASK, temperature=1.0, gen=gen(1)
+    )
+    d = generate(
+        TableModel(), prompt, gen_length=8, steps=4, block_length=4, mask_id=MASK, temperature=1.0, gen=gen(1)
+    )
+    assert torch.equal(c, d)
+
+
+def test_generate_is_semi_autoregressive_over_blocks():
+    model = TableModel()
+    prompt = torch.tensor([[5, 6]])
+    generate(model, prompt, gen_length=12, steps=6, block_length=4, mask_id=MASK)
+    assert len(model.inputs) == 6
+    for call, x in enumerate(model.inputs):
+        block = call // 2
+        # blocks after the current one stay fully masked
+        assert (x[0, 2 + 4 * (block + 1) :] == MASK).all()
+        assert not (x[0, 2 : 2 + 4 * block] == MASK).any()
+
+
+def llada_reference_generate(model, prompt, steps, gen_length, block_length, temperature, mask_id):
+    """Transcription of LLaDA's generate.py (cfg_scale=0, low_confidence) as the oracle."""
+    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x[:, : prompt.shape[1]] = prompt.clone()
+    num_blocks = gen_length // block_length
+    steps = steps // num_blocks
+    for num_block in range(num_blocks):
+        lo = prompt.shape[1] + num_block * block_length
+        block_mask_index = x[:, lo : lo + block_length] == mask_id
+        mask_num = block_mask_index.sum(dim=1, keepdim=True)
+        transfer = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + mask_num // steps
+        for i in range(mask_num.size(0)):
+            transfer[i, : mask_num[i] % steps] += 1
+        for i in range(steps):
+            mask_index = x == mask_id
+            logits = model(x)
+            if temperature > 0:
+                noisy = logits.to(torch.float64)
+                noise = torch.rand_like(noisy, dtype=torch.float64)
+                noisy = noisy.exp() / (-torch.log(noise)) ** temperature
+            else:
+                noisy = logits
+            x0 = torch.argmax(noisy, dim=-1)
+            p = F.softmax(logits, dim=-1)
+            x0_p = torch.gather(p, dim=-1, index=x0[..., None]).squeeze(-1)
+            x0_p[:, lo + block_length :] = -math.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, -math.inf)
+            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+            for j in range(confidence.shape[0]):
+                _, select = torch.topk(confidence[j], k=int(transfer[j, i]))
+                transfer_index[j, select] = True
+            x[transfer_index] = x0[transfer_index]
+    return x
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_generate_matches_llada_reference(temperature):
+    prompt = torch.tensor([[5, 6, 7], [1, 2, 0]])
+    torch.manual_seed(11)
+    ref = llada_reference_generate(TableModel(), prompt, 6, 12, 4, temperature, MASK)
+    torch.manual_seed(11)
+    ours = generate(
+        TableModel(), prompt, gen_length=12, steps=6, block_length=4, mask_id=MASK, temperature=temperature
+    )
+    assert torch.equal(ours, ref)
+
+
+def test_generate_stops_at_eos_and_pads_with_it():
+    eos, calls = 11, []
+
+    def eos_first(x):
+        calls.append(1)
+        logits = torch.zeros(*x.shape, 12)
+        logits[..., eos] = 5.0 - 0.1 * torch.arange(x.shape[1])  # earliest position most confident
+        return logits
+
+    out = generate(
+        eos_first, torch.tensor([[5, 6]]), gen_length=8, steps=8, block_length=8, mask_id=MASK, eos_id=eos
+    )
+    assert len(calls) == 1
+    assert (out[0, 2:] == eos).all()
+
+
+def test_generate_rejects_bad_block_split():
+    with pytest.raises(ValueError, match="block_length"):
+        generate(TableModel(), torch.tensor([[5]]), gen_length=10, steps=5, block_length=4, mask_id=MASK)
+    with pytest.raises(ValueError, match="num_blocks"):
+        generate(TableModel(), torch.tensor([[5]]), gen_length=8, steps=3, block_length=4, mask_id=MASK)
