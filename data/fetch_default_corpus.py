@@ -70,7 +70,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder for train.jsonl and val.jsonl")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the gensim wheel is kept")
     args = ap.parse_args()
-    for split, path in fetch_default_corpus(args.out, args.cache).items():
+    try:
+        paths = fetch_default_corpus(args.out, args.cache)
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
+    for split, path in paths.items():
         print(f"{split}: {path}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from build_tokenizer import train_tokenizer
@@ -74,8 +75,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.val_input and not args.input:
         ap.error("--val-input needs --input")
-    paths = prepare_text(args.out, args.input, args.val_input, args.vocab_size, args.model_type,
-                         args.shard_tokens, args.text_key, args.force, args.cache)
+    try:
+        paths = prepare_text(args.out, args.input, args.val_input, args.vocab_size, args.model_type,
+                             args.shard_tokens, args.text_key, args.force, args.cache)
+    except (RuntimeError, ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
+        sys.exit(f"error: {e}")
     for name, path in paths.items():
         print(f"{name}: {path}")
 

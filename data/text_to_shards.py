@@ -53,7 +53,7 @@ class _ShardWriter:
 
 def write_shards(docs: Iterable[str], tokenizer: str | Path, out_dir: str | Path, shard_tokens: int = 1 << 20,
                  progress: bool = True) -> dict:
-    """Tokenise docs (no BOS/EOS) into out_dir/shard-*.tar and write out_dir/index.json; returns the index."""
+    """Tokenise non-blank docs (no BOS/EOS) into out_dir/shard-*.tar and write out_dir/index.json; returns the index."""
     if shard_tokens <= 0:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     tokenizer, out = Path(tokenizer).resolve(), Path(out_dir)
@@ -66,8 +66,8 @@ def write_shards(docs: Iterable[str], tokenizer: str | Path, out_dir: str | Path
     docs_iter = iter(docs)
     with tqdm(desc=f"shards {out.name}", unit="doc", disable=not progress) as bar:
         while chunk := list(itertools.islice(docs_iter, CHUNK_DOCS)):
-            for ids in sp.encode(chunk, out_type=int):
-                if ids:
+            for text, ids in zip(chunk, sp.encode(chunk, out_type=int)):
+                if text.strip():  # a blank document would be a lone EOS in training
                     writer.write(f"{key:09d}", ids)
                     key += 1
             bar.update(len(chunk))

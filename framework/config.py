@@ -33,6 +33,7 @@ class TrainConfig:
     zero_stage: int = 2
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU memory
     grad_clip: float = 1.0  # 0 disables clipping
+    stop_after: int = 0  # stop (with a checkpoint) after this many steps of this invocation; 0 = run to the end
 
 
 @dataclass

@@ -65,13 +65,14 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
     universal = ckpt is not None and checkpoint.needs_universal(ckpt, world)
     ds_config = engine_lib.deepspeed_config(cfg, world, load_universal=universal)
 
+    # Data first: a missing or empty dataset should fail before minutes of model construction.
+    data = recipe.build_data(cfg, "train", rank, world, batch_multiple=accum)
     seed_everything(cfg.train.seed)
     with engine_lib.model_init_context(ds_config):
         built = recipe.build_model(cfg)
     compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     helpers = freeze(built.helpers, device, compute_dtype)
     engine = engine_lib.initialize(built.model, cfg, ds_config)
-    data = recipe.build_data(cfg, "train", rank, world, batch_multiple=accum)
     ema = ShardedEMA(engine.module, cfg.ema.decay, rank, world) if cfg.ema.decay > 0 else None
 
     step = 0
@@ -97,7 +98,8 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
     result = TrainResult(step=step)
     batches = iter(data)
     saved_at = -1
-    while step < cfg.train.steps:
+    stop_at = min(cfg.train.steps, step + cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
+    while step < stop_at:
         t_start = time.perf_counter()
         lr = lr_at(step, base_lr=cfg.optim.lr, total_steps=cfg.train.steps, warmup_steps=cfg.optim.warmup_steps,
                    schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)
@@ -139,7 +141,7 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
             result.eval = _evaluate(recipe, engine, helpers, cfg, rank, world, step, logger)
         due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
-        if due or stop > 0 or step == cfg.train.steps:
+        if due or stop > 0 or step == stop_at:
             state = _trainer_state(step, data, ema, rank, world)
             result.checkpoint = str(checkpoint.save(engine, cfg.run_dir, step, state, config_dict,
                                                     cfg.checkpoint.keep_last))
@@ -149,7 +151,7 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
             result.preempted = True
             break
 
-    if not result.preempted and cfg.eval.at_end:
+    if not result.preempted and cfg.eval.at_end and step == cfg.train.steps:
         result.eval = _evaluate(recipe, engine, helpers, cfg, rank, world, step, logger)
     result.step = step
     if saved_at != step and step > 0 and not result.preempted:  # e.g. resumed at the end already

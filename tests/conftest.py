@@ -22,7 +22,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "network: needs PyPI (pip download)")
 
 
-def english_docs(n: int, seed: int = 0, min_words: int = 5, max_words: int = 120) -> list[str]:
+def make_english_docs(n: int, seed: int = 0, min_words: int = 5, max_words: int = 120) -> list[str]:
     """n distinct English-like documents of a few sentences each."""
     rng = np.random.default_rng(seed)
     docs = []
@@ -34,12 +34,18 @@ def english_docs(n: int, seed: int = 0, min_words: int = 5, max_words: int = 120
 
 
 @pytest.fixture(scope="session")
+def english_docs() -> Callable[..., list[str]]:
+    """The generator of English-like documents (a fixture, so test modules need not import conftest)."""
+    return make_english_docs
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real sentencepiece model (vocab ~400) trained on generated text; returns PREFIX.model."""
     from build_tokenizer import train_tokenizer
 
     prefix = tmp_path_factory.mktemp("tok") / "tok"
-    train_tokenizer(english_docs(200, seed=123), prefix, vocab_size=400)
+    train_tokenizer(make_english_docs(200, seed=123), prefix, vocab_size=400)
     return Path(f"{prefix}.model")
 
 
@@ -50,7 +56,7 @@ def make_shards(tmp_path: Path, tokenizer: Path) -> Callable[..., Path]:
 
     def make(n_docs: int = 120, shard_tokens: int = 600, seed: int = 0, name: str = "shards") -> Path:
         out = tmp_path / name
-        write_shards(english_docs(n_docs, seed), tokenizer, out, shard_tokens, progress=False)
+        write_shards(make_english_docs(n_docs, seed), tokenizer, out, shard_tokens, progress=False)
         return out
 
     return make

@@ -31,6 +31,8 @@ class PackedTextStream:
             raise ValueError(f"{self.index['root']}/index.json has format {self.index.get('format')!r}, "
                              f"expected {FORMAT!r} (written by data/text_to_shards.py)")
         self.root, self.shards = Path(self.index["root"]), self.index["shards"]
+        if not all(isinstance(s.get("tokens"), int) for s in self.shards):
+            raise ValueError(f"{self.root}/index.json: every shard needs an int 'tokens' count")
         self.eos_id, self.vocab_size = int(self.index["eos_id"]), int(self.index["vocab_size"])
         self.seq_len, self.micro_batch, self.rank, self.world, self.seed = seq_len, micro_batch, rank, world, seed
         self.max_skip_fraction = max_skip_fraction
@@ -39,7 +41,7 @@ class PackedTextStream:
         self._skipped: list[str] = []  # shard paths found corrupt, never read again
         self._seen: set[str] = set()
         self._docs: tuple[int, int, list[np.ndarray]] | None = None  # (epoch, shard id, shuffled docs)
-        self._start_epoch(0)
+        self.start_epoch(0)
 
     def _count_batches(self, batch_multiple: int) -> int:
         # Every rank gets at least floor(S / world) shards in every epoch, so the smallest shards taken that
@@ -72,7 +74,9 @@ class PackedTextStream:
         need = self.seq_len * self.micro_batch
         while self._buffered < need:
             self._push(self._next_document())
-        tokens, docs = np.concatenate(self._buf_tokens), np.concatenate(self._buf_docs)
+        if len(self._buf_tokens) > 1:  # one chunk is sliced in place: a long document is never recopied
+            self._buf_tokens, self._buf_docs = [np.concatenate(self._buf_tokens)], [np.concatenate(self._buf_docs)]
+        tokens, docs = self._buf_tokens[0], self._buf_docs[0]
         self._buf_tokens, self._buf_docs = [tokens[need:]], [docs[need:]]
         self._buffered -= need
         docs = docs[:need].reshape(self.micro_batch, self.seq_len)
@@ -80,10 +84,11 @@ class PackedTextStream:
                  "doc_ids": torch.from_numpy(docs - docs[:, :1])}
         self._batches += 1
         if self._batches >= self.batches_per_epoch:
-            self._start_epoch(self._epoch + 1)  # leftover tokens are dropped so epochs stay independent
+            self.start_epoch(self._epoch + 1)  # leftover tokens are dropped so epochs stay independent
         return batch
 
-    def _start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:
+        """Jump to the beginning of `epoch` (also used when the world size changed on resume)."""
         self._epoch, self._pass, self._shard_pos, self._doc_pos, self._batches = epoch, 0, 0, 0, 0
         self._shard_list = assign_shards(len(self.shards), self.rank, self.world, self.seed, epoch)
         self._buf_tokens: list[np.ndarray] = []
@@ -170,7 +175,7 @@ class PackedTextStream:
             if state.get(key) != mine:
                 raise ValueError(f"data state was saved with {key}={state.get(key)}, this stream has {mine}: "
                                  f"it cannot resume this stream (restart the epoch instead)")
-        self._start_epoch(int(state["epoch"]))
+        self.start_epoch(int(state["epoch"]))
         self._pass, self._shard_pos, self._doc_pos = state["pass"], state["shard_pos"], state["doc_pos"]
         self._batches, self._next_doc = state["batches"], state["next_doc"]
         self._buf_tokens = [np.asarray(state["buffer"], dtype=np.int64)]
