@@ -60,7 +60,7 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(values, step=step)
         if self.bar is not None:
-            shown = {k: values[k] for k in ("loss", "lr", "units_per_s") if k in values}
+            shown = {k: v for k, v in values.items() if k in ("loss", "lr") or k.endswith("_per_s")}
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
 
     def advance(self, n: int = 1) -> None:

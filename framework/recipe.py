@@ -34,6 +34,7 @@ class Recipe:
 
     name: str = ""
     config_class: type[RunConfig] = RunConfig
+    unit: str = "samples"  # what `work()` counts; throughput is logged as `<unit>_per_s`
 
     def validate(self, cfg: RunConfig, world: int) -> None:
         """Raise ConfigError for combinations only this recipe knows are impossible."""

@@ -106,7 +106,7 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
         engine_lib.set_lr(engine, lr)
         engine.train()
         wait = units = flops = 0.0
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             t_wait = time.perf_counter()
             batch = next(batches)
@@ -116,8 +116,8 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
             loss, metrics = recipe.loss(cfg, engine, helpers, batch, gen)
             engine.backward(loss)
             engine.step()
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / accum
+            for k, v in {"loss": loss, **metrics}.items():  # tensors: no device sync per micro-step
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().float() / accum
             u, f = recipe.work(cfg, batch)
             units, flops = units + u, flops + f
         step += 1
@@ -126,7 +126,8 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
 
         # One collective per step: metric means, work sums, and whether any rank was told to stop.
         keys = sorted(sums)
-        reduced = dist.all_reduce([sums[k] for k in keys] + [units, flops, wait, float(preempt.received)], op="sum")
+        reduced = dist.all_reduce([float(sums[k]) for k in keys] + [units, flops, wait, float(preempt.received)],
+                                  op="sum")
         means = {k: v / world for k, v in zip(keys, reduced)}
         units, flops, wait, stop = reduced[len(keys):]
         result.losses.append(means["loss"])
@@ -134,7 +135,7 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
         if step % cfg.log.every == 0 or step == cfg.train.steps:
             grad_norm = engine.get_global_grad_norm()
             logger.log(step, {**means, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                              "units_per_s": units / seconds, "data_wait_pct": 100.0 * wait / world / seconds,
+                              f"{recipe.unit}_per_s": units / seconds, "data_wait_pct": 100.0 * wait / world / seconds,
                               "step_s": seconds, **({"mfu": mfu(flops / seconds, peak, world)} if peak else {})})
         logger.advance()
 

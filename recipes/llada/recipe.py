@@ -70,6 +70,7 @@ def tokenizer_info(data_dir: str) -> dict:
 class LladaRecipe(Recipe):
     name = "llada"
     config_class = LladaConfig
+    unit = "tokens"
 
     def validate(self, cfg: LladaConfig, world: int) -> None:
         m = cfg.model
