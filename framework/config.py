@@ -73,6 +73,7 @@ class EvalConfig:
     every: int = 0  # steps between evaluations; 0 evaluates only at the end
     batches: int = 4  # held-out batches per rank
     samples: int = 2  # samples generated at each evaluation
+    micro_batch: int = 0  # per rank; 0 = train.micro_batch (lower it for a small held-out set)
     at_end: bool = True
 
 

@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset", help="YAML preset, e.g. recipes/llada/configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    parser.add_argument("--describe", action="store_true", help="print the model's size and FLOPs, then exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     dist.prepare_env()
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.describe:
+        print(f"{args.preset}: recipe {recipe.name}, {recipe.describe(cfg)}")
+        return 0
     from framework.trainer import train
 
     try:

@@ -105,9 +105,19 @@ class LladaRecipe(Recipe):
 
     def build_data(self, cfg: LladaConfig, split: str, rank: int, world: int, batch_multiple: int = 1):
         self.check_tokenizer(cfg)
-        return PackedTextStream(str(Path(cfg.data.dir) / split), seq_len=cfg.data.seq_len,
-                                micro_batch=cfg.train.micro_batch, rank=rank, world=world, seed=cfg.train.seed,
-                                batch_multiple=batch_multiple, max_skip_fraction=cfg.data.max_skip_fraction)
+        if split == "train" and (cfg.eval.every or cfg.eval.at_end):
+            self._stream(cfg, "val", rank, world, 1)  # a held-out set too small fails now, not after training
+        return self._stream(cfg, split, rank, world, batch_multiple)
+
+    def _stream(self, cfg: LladaConfig, split: str, rank: int, world: int, batch_multiple: int) -> PackedTextStream:
+        micro = (cfg.eval.micro_batch or cfg.train.micro_batch) if split == "val" else cfg.train.micro_batch
+        try:
+            return PackedTextStream(str(Path(cfg.data.dir) / split), seq_len=cfg.data.seq_len, micro_batch=micro,
+                                    rank=rank, world=world, seed=cfg.train.seed, batch_multiple=batch_multiple,
+                                    max_skip_fraction=cfg.data.max_skip_fraction)
+        except (FileNotFoundError, ValueError) as e:
+            key = "eval.micro_batch" if split == "val" else "train.micro_batch"
+            raise ConfigError(f"data.dir ({split} split) / data.seq_len / {key}: {e}") from e
 
     def _forward(self, model, cfg: LladaConfig, ids, keep, doc_ids):
         return model(ids, key_padding_mask=keep, doc_ids=doc_ids if cfg.data.doc_attention else None)
@@ -130,7 +140,7 @@ class LladaRecipe(Recipe):
 
     def evaluate(self, model, helpers, cfg: LladaConfig, rank: int, world: int, step: int) -> dict:
         """Held-out Monte Carlo ELBO in bits per token; every rank scores its own val shards."""
-        stream = self.build_data(cfg, "val", rank, world)
+        stream = self._stream(cfg, "val", rank, world, 1)
         batches = min(cfg.eval.batches, len(stream))
         gen = torch.Generator(device=dist.device()).manual_seed(derive_seed(cfg.train.seed, step, rank, 1 << 20))
         total = 0.0
