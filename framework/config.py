@@ -57,6 +57,7 @@ class EmaConfig:
 class CheckpointConfig:
     every: int = 0  # steps between saves; 0 saves only at the end (and on preemption)
     keep_last: int = 3
+    at_end: bool = True  # false: no final save (benchmarks); preemption still saves
 
 
 @dataclass

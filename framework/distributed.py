@@ -56,6 +56,12 @@ def init(timeout_minutes: float = 30.0) -> None:
                                timeout=timedelta(minutes=timeout_minutes), verbose=False)
 
 
+def shutdown() -> None:
+    """Tear the process group down (NCCL warns about leaked resources otherwise)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 

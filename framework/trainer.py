@@ -142,7 +142,7 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
             result.eval = _evaluate(recipe, engine, helpers, cfg, rank, world, step, logger)
         due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
-        if due or stop > 0 or step == stop_at:
+        if due or stop > 0 or (step == stop_at and cfg.checkpoint.at_end):
             state = _trainer_state(step, data, ema, rank, world)
             result.checkpoint = str(checkpoint.save(engine, cfg.run_dir, step, state, config_dict,
                                                     cfg.checkpoint.keep_last))
@@ -155,8 +155,9 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
     if not result.preempted and cfg.eval.at_end and step == cfg.train.steps:
         result.eval = _evaluate(recipe, engine, helpers, cfg, rank, world, step, logger)
     result.step = step
-    if saved_at != step and step > 0 and not result.preempted:  # e.g. resumed at the end already
-        result.checkpoint = str(checkpoint.complete_checkpoints(Path(cfg.run_dir) / "checkpoints")[-1])
+    if saved_at != step and not result.preempted:  # e.g. resumed at the end already
+        found = checkpoint.complete_checkpoints(Path(cfg.run_dir) / "checkpoints")
+        result.checkpoint = str(found[-1]) if found else None
     logger.close()
     return result
 

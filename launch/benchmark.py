@@ -23,7 +23,8 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
-QUIET = ["log.wandb=disabled", "log.every=1", "eval.every=0", "eval.at_end=false", "checkpoint.every=0"]
+QUIET = ["log.wandb=disabled", "log.every=1", "eval.every=0", "eval.at_end=false", "checkpoint.every=0",
+         "checkpoint.at_end=false"]
 
 
 def _launch(nproc: int, script: list[str]) -> list[str]:

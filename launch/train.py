@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     dist.print0(f"done: step {result.step}" + (f", checkpoint {result.checkpoint}" if result.checkpoint else ""))
+    dist.shutdown()
     return 0
 
 

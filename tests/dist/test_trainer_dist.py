@@ -38,7 +38,10 @@ def _small_param_count() -> int:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_learn_and_shard_the_optimizer(text_data, tmp_path, stage):
     run = tmp_path / f"z{stage}"
-    train(text_data, run, f"train.zero_stage={stage}", "train.steps=16", "optim.lr=3e-3", nproc=2)
+    train(text_data, run, f"train.zero_stage={stage}", "train.steps=16", "optim.lr=3e-3", "checkpoint.every=4",
+          "checkpoint.keep_last=2", nproc=2)
+    assert [c.name for c in complete_checkpoints(run / "checkpoints")] == ["step_00000012", "step_00000016"]
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000016"
     loss = losses(run)
     assert len(loss) == 16
     first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (14, 15, 16)) / 3
