@@ -1,0 +1,122 @@
+"""Diffusion-transformer parts shared by the video DiT and (later) the audio tower.
+
+adaLN-Zero as in DiT (Peebles & Xie): each block gets (shift, scale, gate) x 2 from the timestep
+embedding; the modulation is zero-initialised so every block starts as the identity. As in Wan2.1 the
+timestep projection to 6*dim is computed once and shared, each block adds its own learned bias.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from framework.nn.attention import attention
+from framework.nn.layers import RMSNorm
+from framework.nn.rope import apply_rope
+
+
+def patchify(x: Tensor, patch: tuple[int, int, int]) -> Tensor:
+    """(B, C, T, H, W) -> (B, T/pt * H/ph * W/pw, pt*ph*pw*C) in (t, h, w) raster order."""
+    pt, ph, pw = patch
+    return rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
+
+
+def unpatchify(tokens: Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], channels: int) -> Tensor:
+    """Inverse of `patchify`: (B, N, pt*ph*pw*C) -> (B, C, T, H, W)."""
+    (t, h, w), (pt, ph, pw) = grid, patch
+    return rearrange(tokens, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph,
+                     pw=pw, c=channels)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of (B,) float timesteps -> (B, dim), computed in float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] (flow) or a step index (Gaussian) -> (B, dim); `scale` maps t to ~[0, 1000]."""
+
+    def __init__(self, dim: int, freq_dim: int = 256, scale: float = 1000.0):
+        super().__init__()
+        self.freq_dim, self.scale = freq_dim, scale
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(timestep_embedding(t * self.scale, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """x: (B, N, D); shift, scale: (B, D)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention (self or cross) with optional qk RMSNorm and RoPE on the queries/keys."""
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, qk_norm: bool = True):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(kv_dim or dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        """x: (B, N, D); context: (B, S, kv_dim) or None (self-attention); rope: (cos, sin) of (N, head_dim)."""
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.kv(x if context is None else context), "b s (two h d) -> two b h s d", two=2,
+                         h=self.heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v, key_padding_mask=key_padding_mask)
+        return self.out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero self-attention (3-D RoPE) -> cross-attention to text -> MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, qk_norm: bool = True, cross_attention: bool = True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads, qk_norm=qk_norm)
+        self.cross = Attention(dim, heads, qk_norm=qk_norm) if cross_attention else None
+        self.norm_cross = nn.LayerNorm(dim, eps=1e-6) if cross_attention else None
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, dim))
+        self.modulation = nn.Parameter(torch.zeros(6, dim))  # per-block bias on the shared time projection
+
+    def forward(self, x: Tensor, time6: Tensor, rope: tuple[Tensor, Tensor], text: Tensor | None = None,
+                text_mask: Tensor | None = None) -> Tensor:
+        """x: (B, N, D); time6: (B, 6, D) shared timestep modulation; text: (B, S, D)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (time6 + self.modulation).unbind(dim=1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope=rope)
+        if self.cross is not None and text is not None:
+            x = x + self.cross(self.norm_cross(x), context=text, key_padding_mask=text_mask)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a zero-initialised projection to patch values."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, out_dim)
+        for layer in (self.modulation, self.proj):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.modulation(nn.functional.silu(c)).chunk(2, dim=-1)
+        return self.proj(modulate(self.norm(x), shift, scale))

@@ -1,0 +1,110 @@
+"""3-D spacetime-patch video DiT: patch embedding, 3-D RoPE, adaLN-Zero, cross-attention to text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from framework.nn.dit import DiTBlock, FinalLayer, TimestepEmbedder, unpatchify
+from framework.nn.rope_nd import default_bands, grid_positions, rope_nd
+
+
+@dataclass
+class VideoDiTConfig:
+    in_channels: int = 16  # latent channels of the VAE
+    patch: list[int] = field(default_factory=lambda: [1, 2, 2])  # (pt, ph, pw)
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    ffn_hidden: int = 512
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    text_dim: int = 128  # width of the text encoder's output
+    time_scale: float = 1000.0  # t in [0, 1] is embedded as t * time_scale
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
+        if len(self.patch) != 3 or min(self.patch) < 1:
+            raise ValueError(f"model.patch must be three positive sizes (pt, ph, pw), got {self.patch}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+class VideoDiT(nn.Module):
+    """forward(x (B, C, T, H, W) latents, t (B,) in [0, 1], text (B, S, text_dim), text_mask (B, S)) -> like x."""
+
+    def __init__(self, cfg: VideoDiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch = tuple(cfg.patch)
+        self.patch_embed = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=self.patch, stride=self.patch)
+        self.time_embed = TimestepEmbedder(cfg.dim, scale=cfg.time_scale)
+        self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim)
+        self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                       nn.Linear(cfg.dim, cfg.dim))
+        self.blocks = nn.ModuleList(DiTBlock(cfg.dim, cfg.heads, cfg.ffn_hidden, cfg.qk_norm) for _ in range(cfg.depth))
+        self.final = FinalLayer(cfg.dim, cfg.in_channels * self.patch[0] * self.patch[1] * self.patch[2])
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.zeros_(self.time_proj.weight)  # adaLN-Zero: every block starts as the identity
+        nn.init.zeros_(self.time_proj.bias)
+        for layer in (self.final.modulation, self.final.proj):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+        positions = grid_positions(*grid, device=device)
+        return rope_nd(positions, default_bands(self.cfg.head_dim), self.cfg.rope_theta)
+
+    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
+        for size, p, axis in zip(x.shape[2:], self.patch, "THW"):
+            if size % p:
+                raise ValueError(f"latent {axis}={size} is not divisible by patch size {p}")
+        tokens = self.patch_embed(x)
+        grid = tuple(tokens.shape[2:])
+        tokens = tokens.flatten(2).transpose(1, 2)
+        c = self.time_embed(t)
+        time6 = self.time_proj(nn.functional.silu(c)).unflatten(1, (6, -1))
+        context = self.text_proj(text)
+        rope = self.rope(grid, x.device)
+        for block in self.blocks:
+            tokens = block(tokens, time6, rope, context, text_mask)
+        return unpatchify(self.final(tokens, c), grid, self.patch, self.cfg.in_channels)
+
+
+def count_parameters(cfg: VideoDiTConfig) -> int:
+    """Parameters of the DiT (without the text encoder), from the shapes alone."""
+    d, f, p = cfg.dim, cfg.ffn_hidden, cfg.patch[0] * cfg.patch[1] * cfg.patch[2]
+    attn = 4 * d * d + 4 * d
+    norms = 2 * cfg.head_dim if cfg.qk_norm else 0
+    block = 2 * (attn + norms) + 2 * d + (2 * d * f + f + d) + 6 * d
+    patch_embed = cfg.in_channels * p * d + d
+    time = (256 * d + d + d * d + d) + (6 * d * d + 6 * d)
+    text = cfg.text_dim * d + d + d * d + d
+    final = 2 * d * d + 2 * d + d * cfg.in_channels * p + cfg.in_channels * p
+    return cfg.depth * block + patch_embed + time + text + final
+
+
+def train_flops_per_sample(cfg: VideoDiTConfig, latent_shape: tuple[int, int, int], text_len: int) -> float:
+    """Forward+backward FLOPs of one sample: 6 x params x tokens + attention scores (self and cross)."""
+    t, h, w = latent_shape
+    n = (t // cfg.patch[0]) * (h // cfg.patch[1]) * (w // cfg.patch[2])
+    d, f = cfg.dim, cfg.ffn_hidden
+    block_matmuls = 4 * d * d + 2 * d * f + 2 * d * d  # self qkv/out, MLP, cross q/out (kv runs on the text)
+    cross_kv = 2 * d * d * text_len
+    attention = 2 * 2 * n * n * d + 2 * 2 * n * text_len * d  # QK^T and AV, self and cross
+    return 3.0 * cfg.depth * (2 * n * block_matmuls + 2 * cross_kv + attention)
