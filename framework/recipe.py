@@ -80,6 +80,8 @@ class Recipe:
 # Recipes register lazily so that importing the framework never imports every model family.
 RECIPES: dict[str, str] = {
     "llada": "recipes.llada.recipe:LladaRecipe",
+    "video_vae": "recipes.video_vae.recipe:VideoVaeRecipe",
+    "video_dit": "recipes.video_dit.recipe:VideoDiTRecipe",
 }
 
 

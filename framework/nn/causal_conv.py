@@ -42,7 +42,7 @@ class CausalConv3d(nn.Conv3d):
         kt, st = self.kernel_size[0], self.stride[0]
         n_out = max(0, (padded.shape[2] - kt) // st + 1)
         # clone so the cache does not pin the whole chunk's storage in memory
-        new_cache = padded[:, :, n_out * st:].clone()
+        new_cache = padded[:, :, n_out * st :].clone()
         if n_out == 0:
             b, _, _, h, w = padded.shape
             sh, sw = self.stride[1:]

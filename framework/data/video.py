@@ -1,0 +1,312 @@
+"""Bucketed video clip stream over video shards: same bucket on every rank each step, exact mid-epoch resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import astuple
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from framework.data.buckets import Bucket, assign_bucket, epoch_schedule, usable_duration
+from framework.data.shards import CorruptShardError, assign_shards, load_index
+from framework.data.video_decode import CorruptVideoError, choose_start, clip_times, decode_clip, resize_crop
+
+FORMAT = "video-v1"
+MIN_SEEN = 20  # clips seen before max_skip_fraction is enforced: one early failure must not stop a run
+_CHECKED = ("world", "rank", "seed", "fps", "batch_multiple", "buckets", "num_shards")
+_ITEM_FIELDS = ("key", "width", "height", "duration", "offset", "size")
+
+Plan = list[tuple[int, list[tuple[int, int]]]]  # per batch: (bucket id, [(shard id, item index), ...])
+
+
+def key_seed(key: str) -> int:
+    """A stable 63-bit integer for a sample key (Python's hash() differs between processes)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def pick_caption(captions: list[str], seed: int, epoch: int, key: str) -> str:
+    """One caption per visit; each block of len(captions) epochs uses every caption once, in a seeded order."""
+    cycle, visit = divmod(epoch, len(captions))
+    order = np.random.default_rng([seed, cycle, key_seed(key)]).permutation(len(captions))
+    return captions[int(order[visit])]
+
+
+_MEMBERS: dict[str, dict[str, tuple[int, int]]] = {}  # per process: shard path -> member name -> (offset, size)
+
+
+def _members(path: Path) -> dict[str, tuple[int, int]]:
+    """Data offset and size of every file in a tar (one header scan per shard and process, then cached)."""
+    if str(path) not in _MEMBERS:
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                _MEMBERS[str(path)] = {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise CorruptShardError(path, f"{type(e).__name__}: {e}") from None
+    return _MEMBERS[str(path)]
+
+
+def _read(path: Path, offset: int, size: int, what: str) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise CorruptShardError(path, f"{what}: wanted {size} bytes at {offset}, the file holds {len(data)}")
+    return data
+
+
+def _captions(path: Path, item: dict) -> list[str]:
+    """KEY.json's "captions" (located by json_offset/json_size when the index has them), else KEY.txt."""
+    key = item["key"]
+    if "json_offset" in item:
+        span = (item["json_offset"], item["json_size"])
+    else:  # video-v1 indexes written by data/video_shards.py only locate the mp4
+        span = _members(path).get(f"{key}.json")
+    if span is not None:
+        try:
+            caps = json.loads(_read(path, *span, f"{key}.json")).get("captions")
+        except (ValueError, AttributeError) as e:  # bad UTF-8 or JSON, or not an object
+            raise CorruptShardError(path, f"{key}.json: {e}") from None
+        if isinstance(caps, list) and caps and all(isinstance(c, str) for c in caps):
+            return caps
+    span = _members(path).get(f"{key}.txt")
+    if span is None:
+        raise CorruptShardError(path, f"sample {key!r} has no captions in {key}.json and no {key}.txt")
+    return [_read(path, *span, f"{key}.txt").decode("utf-8", errors="replace")]
+
+
+class _EpochBatches(Dataset):
+    """Map-style view of one epoch's planned batches from `start` on; item i is a whole decoded batch."""
+
+    def __init__(self, root: Path, shards: list[dict], buckets: list[Bucket], plan: Plan, start: int, fps: float,
+                 seed: int, epoch: int, random_crop: bool) -> None:
+        self.root, self.shards, self.buckets, self.plan, self.start = root, shards, buckets, plan, start
+        self.fps, self.seed, self.epoch, self.random_crop = fps, seed, epoch, random_crop
+
+    def __len__(self) -> int:
+        return len(self.plan) - self.start
+
+    def clip(self, shard_id: int, item_idx: int, bucket: Bucket) -> tuple[np.ndarray, float, np.random.Generator]:
+        """This epoch's timestamps (T,) of an item, and the generator its crop draws from."""
+        item = self.shards[shard_id]["items"][item_idx]
+        rng = np.random.default_rng([self.seed, self.epoch, key_seed(item["key"])])
+        duration = usable_duration(item)
+        start = choose_start(duration, bucket.seconds(self.fps), rng)
+        return clip_times(duration, self.fps, bucket.frames, start), start, rng
+
+    def load(self, shard_id: int, item_idx: int, bucket: Bucket) -> tuple[torch.Tensor, str]:
+        """One clip (3, T, H, W) in [-1, 1] and its caption; raises CorruptVideoError / CorruptShardError."""
+        shard, item = self.shards[shard_id], self.shards[shard_id]["items"][item_idx]
+        path = self.root / shard["path"]
+        times, _, rng = self.clip(shard_id, item_idx, bucket)
+        caption = pick_caption(_captions(path, item), self.seed, self.epoch, item["key"])
+        frames = decode_clip(_read(path, item["offset"], item["size"], f"{item['key']}.mp4"), times,
+                             num_threads=1)  # one decoder thread: parallelism comes from the workers
+        return resize_crop(frames, bucket.height, bucket.width, rng if self.random_crop else None), caption
+
+    def __getitem__(self, i: int) -> dict:
+        bucket_id, refs = self.plan[self.start + i]
+        bucket = self.buckets[bucket_id]
+        keys = [self.shards[s]["items"][j]["key"] for s, j in refs]
+        loaded: list[tuple[torch.Tensor, str] | None] = []
+        failed = []  # (shard path, key, reason); the main process warns and counts
+        for (s, j), key in zip(refs, keys):
+            try:
+                loaded.append(self.load(s, j, bucket))
+            except (CorruptVideoError, CorruptShardError, OSError) as e:
+                loaded.append(None)
+                failed.append((self.shards[s]["path"], key, getattr(e, "reason", str(e))))
+        good = [k for k, x in enumerate(loaded) if x is not None]
+        batch = {"video": None, "caption": [], "key": [], "bucket": bucket_id, "fps": self.fps, "skipped": failed}
+        if not good:
+            batch["key"] = keys
+            return batch
+        # A failed clip takes the next good clip of its batch: batches never shrink, so ranks never desync.
+        src = [k if loaded[k] is not None else next((g for g in good if g > k), good[0]) for k in range(len(refs))]
+        batch["video"] = torch.stack([loaded[k][0] for k in src])
+        batch["caption"], batch["key"] = [loaded[k][1] for k in src], [keys[k] for k in src]
+        return batch
+
+
+def _init_worker(worker_id: int) -> None:
+    # Each worker is one decoding lane; intra-op threads in every worker would oversubscribe the cores.
+    torch.set_num_threads(1)
+
+
+class VideoStream:
+    """Infinite iterator of {"video": (B, 3, T, H, W) float32 in [-1, 1], "caption", "key", "bucket", "fps"}.
+
+    B, T, H, W come from the step's bucket, identical on all ranks; len() is this epoch's number of batches.
+    """
+
+    def __init__(self, data_dir: str | Path, buckets: list[Bucket], rank: int, world: int, seed: int, fps: float,
+                 batch_multiple: int = 1, num_workers: int = 0, max_skip_fraction: float = 0.05,
+                 random_crop: bool = False) -> None:
+        if fps <= 0 or batch_multiple < 1 or num_workers < 0:
+            raise ValueError(f"need fps > 0, batch_multiple >= 1, num_workers >= 0; got {fps}, "
+                             f"{batch_multiple}, {num_workers}")
+        if not buckets:
+            raise ValueError("need at least one bucket")
+        index = load_index(data_dir)
+        if index.get("format") != FORMAT:
+            raise ValueError(f"{index['root']}/index.json has format {index.get('format')!r}, expected "
+                             f"{FORMAT!r} (written by data/video_shards.py)")
+        self.root, self.shards = Path(index["root"]), index["shards"]
+        for shard in self.shards:
+            items = shard.get("items")
+            if not isinstance(items, list) or any(not all(f in it for f in _ITEM_FIELDS) for it in items):
+                raise ValueError(f"{self.root}/index.json: shard {shard['path']} needs an 'items' list whose "
+                                 f"entries have {_ITEM_FIELDS}")
+        self.buckets, self.rank, self.world, self.seed, self.fps = list(buckets), rank, world, seed, float(fps)
+        self.batch_multiple, self.num_workers = batch_multiple, num_workers
+        self.max_skip_fraction, self.random_crop = max_skip_fraction, random_crop
+        # Bucket choice depends only on an item's metadata, so every rank computes the same table.
+        self._bucket_of = [[assign_bucket(it, self.buckets, self.fps) for it in s["items"]] for s in self.shards]
+        self._counts = [Counter(b for b in bs if b is not None) for bs in self._bucket_of]
+        self.too_short_keys = [it["key"] for s, bs in zip(self.shards, self._bucket_of)
+                               for it, b in zip(s["items"], bs) if b is None]
+        self.stats = {"seen": 0, "skipped": 0, "too_short": len(self.too_short_keys)}
+        self._skipped: list[str] = []  # "shard:key (reason)" of every replaced clip, for the error message
+        self._plans: dict[int, Plan] = {}
+        self._iter: Iterator[dict] | None = None
+        self.start_epoch(0)
+
+    # ---- planning: pure functions of (index, buckets, seed, epoch, world) ----
+
+    def _plan(self, epoch: int) -> Plan:
+        if epoch in self._plans:
+            return self._plans[epoch]
+        mine: list[int] = []
+        counts = []
+        for r in range(self.world):
+            shard_ids = assign_shards(len(self.shards), r, self.world, self.seed, epoch)
+            counts.append(sum((self._counts[s] for s in shard_ids), Counter()))
+            mine = shard_ids if r == self.rank else mine
+        schedule = epoch_schedule(counts, self.buckets, self.seed, epoch, self.batch_multiple)
+        groups: dict[int, list[tuple[int, int]]] = {b: [] for b in range(len(self.buckets))}
+        for s in mine:
+            for j, b in enumerate(self._bucket_of[s]):
+                if b is not None:
+                    groups[b].append((s, j))
+        for b, group in groups.items():
+            order = np.random.default_rng([self.seed, epoch, self.rank, b]).permutation(len(group))
+            groups[b] = [group[i] for i in order]
+        cursor, plan = Counter(), []
+        for b in schedule:
+            size = self.buckets[b].batch_size
+            plan.append((b, groups[b][cursor[b]:cursor[b] + size]))
+            cursor[b] += size
+        self._plans = {epoch: plan}  # one epoch is enough: the stream only moves forward
+        return plan
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Number of batches epoch `epoch` has (the same on every rank)."""
+        return len(self._plan(epoch))
+
+    def _dataset(self, epoch: int, start: int) -> _EpochBatches:
+        return _EpochBatches(self.root, self.shards, self.buckets, self._plan(epoch), start, self.fps, self.seed,
+                             epoch, self.random_crop)
+
+    def planned_clips(self, epoch: int, start: int, count: int) -> list[tuple[Path, int, int, np.ndarray]]:
+        """(shard file, mp4 offset, mp4 size, timestamps (T,)) of every clip of `count` batches from `start`."""
+        ds, out = self._dataset(epoch, 0), []
+        for b, refs in ds.plan[start:start + count]:
+            for s, j in refs:
+                item = self.shards[s]["items"][j]
+                out.append((self.root / self.shards[s]["path"], item["offset"], item["size"],
+                            ds.clip(s, j, self.buckets[b])[0]))
+        return out
+
+    # ---- iteration ----
+
+    def __len__(self) -> int:
+        return len(self._plan(self._epoch))
+
+    @property
+    def epoch(self) -> int:
+        """Epoch the next batch comes from."""
+        return self._epoch
+
+    def start_epoch(self, epoch: int) -> None:
+        """Jump to the beginning of `epoch` (also used when the world size changed on resume)."""
+        self._close()
+        if self.batches_in_epoch(epoch) == 0:
+            raise ValueError(f"{self.root}: epoch {epoch} has no batch: no bucket has a full batch on every rank "
+                             f"(world {self.world}, buckets {self.buckets}, {self.stats['too_short']} items too "
+                             f"short for every bucket at {self.fps} fps): use more data, smaller batches or "
+                             f"shorter buckets")
+        self._epoch, self._batch = epoch, 0
+
+    def _close(self) -> None:
+        self._iter = None  # dropping a DataLoader iterator shuts its workers down
+
+    def _open(self) -> Iterator[dict]:
+        ds = self._dataset(self._epoch, self._batch)
+        if self.num_workers == 0:
+            return map(ds.__getitem__, range(len(ds)))
+        # Map-style and in order: batch i is the same whichever worker decodes it, so resume stays exact.
+        loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                            worker_init_fn=_init_worker)
+        return iter(loader)
+
+    def __iter__(self) -> VideoStream:
+        return self
+
+    def __next__(self) -> dict:
+        if self._iter is None:
+            self._iter = self._open()
+        batch = next(self._iter)
+        self._batch += 1
+        if self._batch >= len(self._plan(self._epoch)):
+            self.start_epoch(self._epoch + 1)
+        self._account(batch.pop("skipped"), batch)
+        return batch
+
+    def _account(self, failed: list[tuple[str, str, str]], batch: dict) -> None:
+        self.stats["seen"] += len(batch["key"])
+        for shard, key, reason in failed:
+            self.stats["skipped"] += 1
+            self._skipped.append(f"{shard}:{key} ({reason})")
+            if batch["video"] is not None:
+                warnings.warn(f"rank {self.rank}: skipping video {key!r} of {self.root / shard}: {reason}; "
+                              f"replaced by another clip of the same batch", RuntimeWarning, stacklevel=3)
+        if batch["video"] is None:
+            raise RuntimeError(f"rank {self.rank}: every clip of a batch failed to load: "
+                               f"{self._skipped[-len(failed):]}")
+        seen, skipped = self.stats["seen"], self.stats["skipped"]
+        if seen >= MIN_SEEN and skipped / seen > self.max_skip_fraction:
+            raise RuntimeError(f"rank {self.rank}: {skipped} of {seen} clips failed to load, more than "
+                               f"max_skip_fraction={self.max_skip_fraction}: {self._skipped}")
+
+    # ---- resume ----
+
+    def _identity(self) -> dict:
+        return {"world": self.world, "rank": self.rank, "seed": self.seed, "fps": self.fps,
+                "batch_multiple": self.batch_multiple, "buckets": [list(astuple(b)) for b in self.buckets],
+                "num_shards": len(self.shards)}
+
+    def state_dict(self) -> dict:
+        """Plain-Python cursor (epoch, batch within it) plus counters; the plan itself is recomputed."""
+        return {**self._identity(), "format": FORMAT, "epoch": self._epoch, "batch": self._batch,
+                "stats": dict(self.stats), "skipped": list(self._skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where state_dict() was taken; world, seed, buckets... must match."""
+        mine = self._identity()
+        for key in _CHECKED:
+            if state.get(key) != mine[key]:
+                raise ValueError(f"video data state was saved with {key}={state.get(key)}, this stream has "
+                                 f"{mine[key]}: it cannot resume this stream (call start_epoch() instead)")
+        self.start_epoch(int(state["epoch"]))
+        if not 0 <= state["batch"] < len(self):
+            raise ValueError(f"video data state batch {state['batch']} is outside epoch {self._epoch}'s "
+                             f"{len(self)} batches")
+        self._batch = int(state["batch"])
+        self.stats, self._skipped = dict(state["stats"]), list(state["skipped"])

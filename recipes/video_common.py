@@ -1,0 +1,41 @@
+"""What the video recipes share: the data section of their configs and how it becomes a stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from framework.config import ConfigError
+from framework.data.buckets import parse_buckets
+from framework.data.video import VideoStream
+
+
+@dataclass
+class VideoDataConfig:
+    dir: str = "datasets/shapes"  # train/ and val/ shard folders (data/make_shapes_dataset.py, data/video_shards.py)
+    fps: float = 8.0  # clips are sampled at this frame rate, by timestamps
+    buckets: list[str] = field(default_factory=lambda: ["64x64x17:8"])  # HEIGHTxWIDTHxFRAMES:BATCH per rank
+    num_workers: int = 1  # decoding processes per rank
+    max_skip_fraction: float = 0.05  # corrupt or unreadable clips tolerated before the run stops
+    random_crop: bool = False
+
+
+def video_stream(data: VideoDataConfig, split: str, rank: int, world: int, seed: int,
+                 batch_multiple: int = 1, num_workers: int | None = None) -> VideoStream:
+    """A VideoStream over `data.dir/split`; dataset problems become ConfigErrors naming the keys."""
+    path = Path(data.dir) / split
+    if not (path / "index.json").is_file():
+        raise ConfigError(f"data.dir: no shards at {path} (index.json missing); make the default dataset with "
+                          f"`python data/make_shapes_dataset.py --out {data.dir}` or shard your videos with "
+                          f"data/video_shards.py")
+    try:
+        buckets = parse_buckets(data.buckets)
+    except ValueError as e:
+        raise ConfigError(f"data.buckets: {e}") from e
+    try:
+        return VideoStream(str(path), buckets, rank=rank, world=world, seed=seed, fps=data.fps,
+                           batch_multiple=batch_multiple,
+                           num_workers=data.num_workers if num_workers is None else num_workers,
+                           max_skip_fraction=data.max_skip_fraction, random_crop=data.random_crop)
+    except ValueError as e:
+        raise ConfigError(f"data ({split} split): {e}") from e

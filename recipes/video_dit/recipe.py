@@ -1,0 +1,289 @@
+"""Text-to-video DiT in the latent space of the causal video VAE (rectified flow by default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from framework import distributed as dist
+from framework.config import ConfigError, RunConfig
+from framework.diffusion import flow, gaussian
+from framework.diffusion.guidance import Guidance, drop_condition, replace_dropped
+from framework.export.video_io import to_uint8, write_grid_png, write_mp4
+from framework.recipe import Built, Recipe
+from framework.rng import derive_seed
+from recipes.video_common import VideoDataConfig, video_stream
+from recipes.video_dit.model import VideoDiT, VideoDiTConfig, count_parameters, train_flops_per_sample
+from recipes.video_dit.text_encoder import ByteTextEncoder, HFTextEncoder
+from recipes.video_dit.vae_ref import VaeRefConfig, latent_stats, load_vae
+
+SHAPES_PROMPTS = [f"a {c} {s} moves {d}" for c, s, d in [
+    ("red", "circle", "left"), ("green", "square", "right"), ("blue", "triangle", "up"), ("yellow", "circle", "down"),
+    ("red", "square", "up"), ("green", "triangle", "down"), ("blue", "circle", "right"), ("yellow", "square", "left"),
+    ("red", "triangle", "right"), ("green", "circle", "up"), ("blue", "square", "down"), ("yellow", "triangle", "left"),
+]]
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "bytes"  # "bytes": a small trainable encoder; else a local T5/UMT5 folder (frozen helper)
+    layers: int = 2
+    heads: int = 4
+    max_len: int = 64
+
+
+@dataclass
+class DiffusionConfig:
+    objective: Literal["flow", "gaussian"] = "flow"
+    logit_mean: float = 0.0  # flow: t = sigmoid(N(logit_mean, logit_std))
+    logit_std: float = 1.0
+    shift: float = 0.0  # flow: time shift; 0 = grows with the number of latent tokens (SD3 / Open-Sora)
+    prediction: Literal["eps", "v", "x0"] = "v"  # gaussian parameterisation
+    schedule: Literal["linear", "cosine"] = "cosine"
+    num_steps: int = 1000
+    caption_dropout: float = 0.1  # condition dropout for classifier-free guidance
+
+
+@dataclass
+class VideoSampleConfig:
+    prompts: list[str] = field(default_factory=lambda: list(SHAPES_PROMPTS))
+    sampler: Literal["euler", "heun", "ddim", "ddpm"] = "euler"
+    steps: int = 30
+    cfg_scale: float = 4.0
+    seed: int = 0
+    bucket: int = 0  # index into data.buckets giving resolution and frame count
+
+
+@dataclass
+class VideoDiTRunConfig(RunConfig):
+    recipe: str = "video_dit"
+    model: VideoDiTConfig = field(default_factory=VideoDiTConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    vae: VaeRefConfig = field(default_factory=VaeRefConfig)
+    data: VideoDataConfig = field(default_factory=VideoDataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sample: VideoSampleConfig = field(default_factory=VideoSampleConfig)
+
+
+class TextToVideo(nn.Module):
+    """The trainable module: the DiT, the trainable text encoder if any, and the learned null caption."""
+
+    def __init__(self, cfg: VideoDiTRunConfig):
+        super().__init__()
+        self.dit = VideoDiT(cfg.model)
+        self.text_encoder = (ByteTextEncoder(cfg.model.text_dim, cfg.text.layers, cfg.text.heads, cfg.text.max_len)
+                             if cfg.text.encoder == "bytes" else None)
+        self.null_text = nn.Parameter(torch.zeros(1, 1, cfg.model.text_dim))
+
+    def null_condition(self, length: int) -> dict[str, Tensor]:
+        """The unconditional caption: the learned null token, then padding."""
+        mask = torch.zeros(1, length, dtype=torch.bool, device=self.null_text.device)
+        mask[:, 0] = True
+        return {"text": self.null_text.expand(1, length, -1), "text_mask": mask}
+
+    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor, keep: Tensor | None = None) -> Tensor:
+        """x (B, C, T, H, W), t (B,) in [0, 1], text (B, S, D), text_mask (B, S), keep (B,) caption dropout."""
+        if keep is not None:
+            null = self.null_condition(text.shape[1])
+            text = replace_dropped(text, null["text"], keep)
+            text_mask = replace_dropped(text_mask, null["text_mask"], keep)
+        return self.dit(x, t, text, text_mask)
+
+
+def _unwrap(model) -> TextToVideo:
+    return model.module if hasattr(model, "module") else model
+
+
+class VideoDiTRecipe(Recipe):
+    name = "video_dit"
+    config_class = VideoDiTRunConfig
+    unit = "latent_tokens"
+
+    def validate(self, cfg: VideoDiTRunConfig, world: int) -> None:
+        if cfg.text.encoder != "bytes" and not Path(cfg.text.encoder).is_dir():
+            raise ConfigError(f"text.encoder: {cfg.text.encoder!r} is neither 'bytes' nor a local model folder")
+        if not 0 <= cfg.sample.bucket < len(cfg.data.buckets):
+            raise ConfigError(f"sample.bucket={cfg.sample.bucket} is not an index into data.buckets "
+                              f"({len(cfg.data.buckets)} buckets)")
+
+    def describe(self, cfg: VideoDiTRunConfig) -> str:
+        shape = self.latent_shape(cfg, cfg.sample.bucket)
+        n = count_parameters(cfg.model)
+        f = train_flops_per_sample(cfg.model, shape[1:], cfg.text.max_len)
+        return (f"{n / 1e6:.2f}M DiT parameters, latent {tuple(shape)}, {self.tokens(cfg, shape)} tokens, "
+                f"{f / 1e12:.4f} TFLOPs per training sample")
+
+    # ---- shapes -------------------------------------------------------------------------------------
+    def latent_shape(self, cfg: VideoDiTRunConfig, bucket: int) -> tuple[int, int, int, int]:
+        h, w, frames = (int(v) for v in cfg.data.buckets[bucket].split(":")[0].split("x"))
+        return cfg.model.in_channels, 1 + (frames - 1) // 4, h // 8, w // 8
+
+    def tokens(self, cfg: VideoDiTRunConfig, shape) -> int:
+        p = cfg.model.patch
+        return (shape[-3] // p[0]) * (shape[-2] // p[1]) * (shape[-1] // p[2])
+
+    # ---- building -----------------------------------------------------------------------------------
+    def build_model(self, cfg: VideoDiTRunConfig) -> Built:
+        helpers: dict[str, nn.Module] = {"vae": load_vae(cfg.vae.path)}
+        if cfg.text.encoder != "bytes":
+            encoder = HFTextEncoder(cfg.text.encoder, cfg.text.max_len)
+            if encoder.hidden_size != cfg.model.text_dim:
+                raise ConfigError(f"model.text_dim={cfg.model.text_dim} but {cfg.text.encoder} outputs "
+                                  f"{encoder.hidden_size}")
+            helpers["text_encoder"] = encoder
+        return Built(model=TextToVideo(cfg), helpers=helpers)
+
+    def build_data(self, cfg: VideoDiTRunConfig, split: str, rank: int, world: int, batch_multiple: int = 1):
+        return video_stream(cfg.data, split, rank, world, cfg.train.seed, batch_multiple)
+
+    # ---- training -----------------------------------------------------------------------------------
+    def encode_text(self, model, helpers: dict, captions: list[str]) -> tuple[Tensor, Tensor]:
+        if "text_encoder" in helpers:
+            return helpers["text_encoder"](captions)
+        return _unwrap(model).text_encoder(captions)
+
+    def latents(self, cfg: VideoDiTRunConfig, helpers: dict, batch: dict) -> Tensor:
+        """Normalised VAE latents of a batch (encoded online, no grad)."""
+        vae = helpers["vae"]
+        with torch.no_grad():
+            mean, _ = vae.encode(batch["video"].to(next(vae.parameters()).dtype))
+        shift, scale = self.latent_stats(cfg, helpers)
+        return (mean.float() - shift) * scale
+
+    def latent_stats(self, cfg: VideoDiTRunConfig, helpers: dict) -> tuple[float, float]:
+        """Computed once per process from the same held-out clips on every rank, so all ranks agree."""
+        if not hasattr(self, "_stats"):
+            self._stats = latent_stats(cfg.vae, helpers["vae"], lambda: video_stream(
+                cfg.data, "val", 0, 1, cfg.train.seed, num_workers=0))
+        return self._stats
+
+    def loss(self, cfg: VideoDiTRunConfig, model, helpers, batch, gen):
+        x0 = self.latents(cfg, helpers, batch)
+        b = x0.shape[0]
+        text, mask = self.encode_text(model, helpers, batch["caption"])
+        keep = drop_condition(b, cfg.diffusion.caption_dropout, gen).to(x0.device)
+        noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(x0.device)
+        d = cfg.diffusion
+        if d.objective == "flow":
+            t = flow.logit_normal_t(b, gen, d.logit_mean, d.logit_std).to(x0.device)
+            t = flow.shift_t(t, d.shift or flow.resolution_shift(self.tokens(cfg, x0.shape)))
+            pred = model(flow.interpolate(x0, noise, t), t, text, mask, keep)
+            target = flow.velocity_target(x0, noise)
+        else:
+            schedule = self.schedule(cfg)
+            steps = gaussian.sample_timesteps(b, gen, d.num_steps).to(x0.device)
+            pred = model(gaussian.q_sample(x0, steps, noise, schedule), steps.float() / d.num_steps, text, mask, keep)
+            target = gaussian.prediction_target(x0, noise, steps, schedule, d.prediction)
+        loss = F.mse_loss(pred.float(), target.float())
+        return loss, {"caption_kept": keep.float().mean()}
+
+    def schedule(self, cfg: VideoDiTRunConfig) -> gaussian.GaussianSchedule:
+        d = cfg.diffusion
+        return (gaussian.cosine_schedule(d.num_steps) if d.schedule == "cosine"
+                else gaussian.linear_schedule(d.num_steps))
+
+    def work(self, cfg: VideoDiTRunConfig, batch: dict) -> tuple[float, float]:
+        v = batch["video"]
+        shape = (1 + (v.shape[2] - 1) // 4, v.shape[3] // 8, v.shape[4] // 8)
+        n = self.tokens(cfg, shape)
+        return float(v.shape[0] * n), v.shape[0] * train_flops_per_sample(cfg.model, shape, cfg.text.max_len)
+
+    # ---- evaluation and sampling --------------------------------------------------------------------
+    def evaluate(self, model, helpers, cfg: VideoDiTRunConfig, rank: int, world: int, step: int) -> dict:
+        """Held-out loss at fixed noise draws, and prompt adherence of freshly sampled videos."""
+        from recipes.video_dit.adherence import adherence
+
+        stream = video_stream(cfg.data, "val", rank, world, cfg.train.seed, num_workers=0)
+        total = 0.0
+        batches = min(cfg.eval.batches, len(stream))
+        for i, batch in zip(range(batches), stream):
+            batch = {k: v.to(dist.device()) if torch.is_tensor(v) else v for k, v in batch.items()}
+            gen = torch.Generator(device=dist.device()).manual_seed(derive_seed(cfg.train.seed, rank, i, 7))
+            total += float(self.loss(cfg, model, helpers, batch, gen)[0])
+        (mean,) = dist.all_reduce([total / max(1, batches)], op="mean")
+        values = {"loss": mean}
+        prompts = cfg.sample.prompts[: cfg.eval.samples]
+        if prompts:
+            videos = self.render(model, helpers, cfg, prompts, rank, world, step)
+            self._rendered = (step, prompts, videos)
+            values.update({f"adherence_{k}": v for k, v in adherence(videos, prompts).items()})
+        return values
+
+    def render(self, model, helpers, cfg: VideoDiTRunConfig, prompts: list[str], rank: int, world: int,
+               step: int) -> list:
+        """Every rank samples its share of the prompts (equal work: ZeRO-3 forwards are collective);
+        returns all videos as uint8 (T, H, W, 3) arrays, in prompt order, on every rank."""
+        per_rank = -(-len(prompts) // world)
+        mine = (prompts[rank::world] + prompts[:per_rank])[:per_rank]
+        videos = self.generate(model, helpers, cfg, mine, derive_seed(cfg.sample.seed, rank, step))
+        frames = [to_uint8(v) for v in videos]
+        gathered = [frames]
+        if world > 1:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, frames)
+        return [gathered[r][i] for i in range(per_rank) for r in range(world)][: len(prompts)]
+
+    def generate(self, model, helpers, cfg: VideoDiTRunConfig, prompts: list[str], seed: int) -> Tensor:
+        """Prompts -> videos (B, 3, T, H, W) in [-1, 1]: sample latents, then decode with the VAE."""
+        s, d = cfg.sample, cfg.diffusion
+        shape = (len(prompts), *self.latent_shape(cfg, s.bucket))
+        text, mask = self.encode_text(model, helpers, prompts)
+        guidance = Guidance(s.cfg_scale, _unwrap(model).null_condition(text.shape[1]))
+        cond = {"text": text, "text_mask": mask}
+        gen = torch.Generator(device=dist.device()).manual_seed(seed)
+        if d.objective == "flow":
+            noise = torch.randn(shape, generator=gen, device=gen.device)
+            sigmas = flow.flow_sigmas(s.steps, d.shift or flow.resolution_shift(self.tokens(cfg, shape)))
+            sampler = flow.euler_sample if s.sampler == "euler" else flow.heun_sample
+            if s.sampler not in ("euler", "heun"):
+                raise ConfigError(f"sample.sampler={s.sampler} is for the gaussian objective; flow uses euler or heun")
+            z = sampler(model, noise, sigmas, cond=cond, guidance=guidance)
+        else:
+            def model_fn(x, t, **c):
+                return model(x, t / d.num_steps, **c)
+
+            schedule = self.schedule(cfg)
+            if s.sampler == "ddim":
+                z = gaussian.ddim_sample(model_fn, shape, schedule, d.prediction, s.steps, 0.0, gen, cond=cond,
+                                         guidance=guidance, device=gen.device)
+            elif s.sampler == "ddpm":
+                z = gaussian.ddpm_sample(model_fn, shape, schedule, d.prediction, gen, cond=cond, guidance=guidance,
+                                         steps=s.steps, device=gen.device)
+            else:
+                raise ConfigError(f"sample.sampler={s.sampler} is for flow; the gaussian objective uses ddim or ddpm")
+        vae = helpers["vae"]
+        shift, scale = self.latent_stats(cfg, helpers)
+        with torch.no_grad():
+            return vae.decode((z / scale + shift).to(next(vae.parameters()).dtype)).float().clamp(-1, 1)
+
+    def sample(self, model, helpers, cfg: VideoDiTRunConfig, rank: int, world: int, step: int, out_dir: str) -> list[str]:
+        """Rank 0 writes the videos of this evaluation (rendered once, in evaluate) as mp4s and a PNG grid."""
+        from recipes.video_dit.adherence import CHANCE, adherence
+
+        prompts = cfg.sample.prompts[: cfg.eval.samples]
+        rendered = getattr(self, "_rendered", None)
+        if rendered is not None and rendered[0] == step and rendered[1] == prompts:
+            videos = rendered[2]
+        else:
+            videos = self.render(model, helpers, cfg, prompts, rank, world, step)
+        if rank != 0 or not prompts:
+            return []
+        lines = write_videos(videos, prompts, Path(out_dir), cfg.data.fps)
+        a = adherence(videos, prompts)
+        lines.append("prompt adherence: " + ", ".join(f"{k} {a[k]:.2f} (chance {CHANCE[k]:.2f})" for k in CHANCE))
+        return lines
+
+
+def write_videos(videos: list, prompts: list[str], out: Path, fps: float) -> list[str]:
+    """mp4 per prompt plus one PNG grid; returns printable lines."""
+    lines = []
+    for i, (prompt, video) in enumerate(zip(prompts, videos)):
+        path = write_mp4(video, out / f"{i:03d}_{prompt.replace(' ', '_')[:60]}.mp4", fps)
+        lines.append(f"{path}: {prompt}")
+    lines.append(str(write_grid_png(videos, out / "grid.png")))
+    return lines

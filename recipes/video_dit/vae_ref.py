@@ -1,0 +1,48 @@
+"""The frozen VAE a DiT trains in: loaded from a safetensors export, plus its latent normalisation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from framework.config import ConfigError
+from framework.export.safetensors_io import read
+from recipes.video_vae.model import VideoVAE, VideoVAEConfig
+
+
+@dataclass
+class VaeRefConfig:
+    path: str = "exports/video_vae"  # `launch/export.py RUN --format safetensors --out PATH` of a video_vae run
+    scale: float = 0.0  # latents are (z - shift) * scale; 0 estimates both from held-out clips at start
+    shift: float = 0.0
+    stats_batches: int = 2
+
+
+def load_vae(path: str) -> VideoVAE:
+    """A VideoVAE from an export folder (model.safetensors + config.json naming recipe video_vae)."""
+    if not (Path(path) / "model.safetensors").is_file():
+        raise ConfigError(f"vae.path: no model.safetensors in {path}; train the VAE preset and export it with "
+                          f"`python launch/export.py runs/vae_tiny --format safetensors --out {path}`")
+    state, config = read(path)
+    if config.get("recipe") != "video_vae":
+        raise ConfigError(f"vae.path: {path} holds a '{config.get('recipe')}' export, not a video_vae")
+    vae = VideoVAE(VideoVAEConfig(**config["model"]))
+    vae.load_state_dict(state)
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def latent_stats(cfg: VaeRefConfig, vae: VideoVAE, stream_fn: Callable) -> tuple[float, float]:
+    """(shift, scale) so normalised latents have zero mean and unit variance; deterministic (held-out clips)."""
+    if cfg.scale > 0:
+        return cfg.shift, cfg.scale
+    values = []
+    for _, batch in zip(range(cfg.stats_batches), stream_fn()):
+        device = next(vae.parameters()).device
+        mean, _ = vae.encode(batch["video"].to(device=device, dtype=next(vae.parameters()).dtype))
+        values.append(mean.float().flatten())
+    z = torch.cat(values)
+    return float(z.mean()), float(1.0 / z.std().clamp_min(1e-6))
