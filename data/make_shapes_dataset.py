@@ -19,11 +19,11 @@ import numpy as np
 from tqdm import tqdm
 from video_shards import Sample, write_samples
 
-# Saturated and far apart in RGB, so a decoded clip's colour is unambiguous even after 4:2:0 chroma subsampling.
+# Saturated and far apart in RGB: a decoded clip's colour stays unambiguous after 4:2:0 chroma subsampling.
 # recipes/video_dit/adherence.py holds the same palette (a test checks they agree).
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 235), "yellow": (235, 220, 30)}
 SHAPES = ("circle", "square", "triangle")
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy); image y points down
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy); y points down
 PHRASES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 LABELS = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))  # all 48 (colour, shape, direction)
 MIN_SHARDS = 8  # each split gets at least this many shards (when it has the samples), to feed ranks x workers
@@ -37,7 +37,7 @@ def captions(colour: str, shape: str, direction: str) -> list[str]:
 
 
 def _coverage(shape: str, cx: np.ndarray, cy: np.ndarray, r: float, size: int) -> np.ndarray:
-    """Anti-aliased coverage (T, H, W) in [0, 1] of a shape of half-extent r centred at (cx, cy): (T,) each."""
+    """Anti-aliased coverage (T, H, W) in [0, 1] of a shape of half-extent r centred at cx, cy: (T,) each."""
     cx, cy = cx[:, None, None], cy[:, None, None]
     x = np.arange(size)[None, None, :] + 0.5 - cx  # pixel centres relative to the shape centre
     y = np.arange(size)[None, :, None] + 0.5 - cy
@@ -56,7 +56,7 @@ def _coverage(shape: str, cx: np.ndarray, cy: np.ndarray, r: float, size: int) -
 
 def render_clip(shape: str, colour: str, direction: str, size: int, frames: int,
                 rng: np.random.Generator) -> np.ndarray:
-    """One clip (T, H, W, 3) uint8: the shape (half-extent size/6) crosses half the frame at constant speed."""
+    """A clip (T, H, W, 3) uint8: the shape (half-extent size/6) crosses half the frame at constant speed."""
     if colour not in COLOURS or direction not in DIRECTIONS:
         raise ValueError(f"unknown colour {colour!r} or direction {direction!r}: expected one of "
                          f"{list(COLOURS)} and {list(DIRECTIONS)}")
@@ -80,7 +80,7 @@ def render_clip(shape: str, colour: str, direction: str, size: int, frames: int,
 
 
 def encode_mp4(frames: np.ndarray, fps: float) -> bytes:
-    """H.264 (yuv420p) mp4 bytes of frames (T, H, W, 3) uint8 RGB; the same frames always give the same bytes."""
+    """H.264 (yuv420p) mp4 bytes of frames (T, H, W, 3) uint8 RGB; equal frames always give equal bytes."""
     t, h, w, _ = frames.shape
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
@@ -88,9 +88,13 @@ def encode_mp4(frames: np.ndarray, fps: float) -> bytes:
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         # One thread: x264's output is then independent of the machine; processes give the parallelism.
         stream.thread_count = 1
-        stream.options = {"crf": "20", "g": "8", "preset": "fast"}
+        # x264's macroblock tree made the bytes vary from run to run on small frames (measured: 48x48 gave
+        # up to 6 different files for one clip in 30 encodes, as if it read uninitialised memory); without
+        # it every size we tried encodes identically every time.
+        stream.options = {"crf": "20", "g": "8", "preset": "fast", "x264-params": "mbtree=0"}
         for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+            image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            container.mux(stream.encode(image))
         container.mux(stream.encode())
     return buf.getvalue()
 
@@ -140,7 +144,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--fps", type=float, default=8)
     ap.add_argument("--shard-samples", type=int, default=64, help="clips per shard (at most)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering and encoding")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering, encoding")
     args = ap.parse_args()
     for split, num in (("train", args.num), ("val", args.val)):
         if num > 0:

@@ -1,4 +1,4 @@
-"""Folder of videos + captions -> webdataset shards of KEY.mp4/KEY.txt/KEY.json plus an index.json with offsets."""
+"""Folder of videos + captions -> webdataset shards of KEY.mp4/.txt/.json plus an index.json with offsets."""
 
 from __future__ import annotations
 
@@ -69,50 +69,58 @@ def _check_sample(key: str, meta: dict, seen: set[str]) -> None:
 
 
 def _member_spans(tar_path: Path) -> dict[str, tuple[int, int]]:
-    """KEY -> (offset of the KEY.mp4 data, its size), read back from the finished tar."""
+    """Member name -> (offset of its data, its size), read back from the finished tar."""
     with tarfile.open(tar_path, mode="r:") as tar:
-        return {m.name[:-4]: (m.offset_data, m.size) for m in tar if m.isfile() and m.name.endswith(".mp4")}
+        return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
 
 
 def write_samples(samples: Iterable[Sample], out_dir: str | Path, shard_bytes: int,
                   shard_samples: int | None = None) -> dict:
-    """Write (key, mp4 bytes, meta) samples into out_dir/shard-*.tar and out_dir/index.json; returns the index.
+    """Write (key, mp4 bytes, meta) samples as out_dir/shard-*.tar plus out_dir/index.json; returns the index.
 
     A shard closes before it would exceed shard_bytes, or once it holds shard_samples samples.
     """
     if shard_bytes <= 0 or (shard_samples is not None and shard_samples <= 0):
-        raise ValueError(f"shard_bytes and shard_samples must be positive, got {shard_bytes}, {shard_samples}")
+        raise ValueError(f"shard_bytes, shard_samples must be positive, got {shard_bytes}, {shard_samples}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # index.json marks a complete output: remove it first so an interrupted run is never mistaken for one.
     for stale in [out / "index.json", *out.glob("shard-*.tar")]:
         stale.unlink(missing_ok=True)
-    writer, seen, items = _ShardWriter(out, shard_bytes), set(), []
+    writer, seen, items = _ShardWriter(out, shard_bytes), set(), []  # items: index entries per shard
     for key, video, meta in samples:
         _check_sample(key, meta, seen)
         seen.add(key)
         files = {"mp4": video, "txt": meta["captions"][0].encode("utf-8"),
                  "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")}
         writer.write(key, files)
-        items.append((len(writer.shards) - 1, {"key": key, **{f: meta[f] for f in META_FIELDS}}))
+        if len(items) < len(writer.shards):
+            items.append([])
+        items[-1].append({"key": key, **{f: meta[f] for f in META_FIELDS}})
         if shard_samples is not None and writer.shards[-1]["samples"] >= shard_samples:
             writer.close()
     writer.close()
     if not writer.shards:
         raise ValueError(f"no samples to write into {out}")
-    for i, shard in enumerate(writer.shards):
+    for shard, shard_items in zip(writer.shards, items):
         path = out / shard["path"]
         spans = _member_spans(path)
         shard["bytes"] = path.stat().st_size
-        shard["items"] = [{**item, "offset": spans[item["key"]][0], "size": spans[item["key"]][1]}
-                          for s, item in items if s == i]
+        # json_offset/json_size (beyond the contract's offset/size of the mp4) let a loader read the captions
+        # by seek as well.
+        shard["items"] = []
+        for item in shard_items:
+            key = item["key"]
+            (offset, size), (json_offset, json_size) = spans[f"{key}.mp4"], spans[f"{key}.json"]
+            shard["items"].append({**item, "offset": offset, "size": size, "json_offset": json_offset,
+                                   "json_size": json_size})
     index = {"format": FORMAT, "shards": writer.shards}
     (out / "index.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     return index
 
 
 def find_videos(root: Path) -> list[Path]:
-    """Video files under root (recursive, suffix case-insensitive), sorted so the output never depends on the OS."""
+    """Video files under root (recursive, any suffix case), sorted so the output never depends on the OS."""
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
 
 
@@ -120,11 +128,17 @@ def _sidecar_captions(video: Path) -> list[str]:
     side = video.with_suffix(".txt")
     if not side.is_file():
         return []
-    return [line.strip() for line in side.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = side.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        # One unreadable sidecar leaves its video uncaptioned (reported later) instead of stopping the run.
+        print(f"warning: cannot read captions {side}: {e}", file=sys.stderr)
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _caption_rows(path: Path) -> Iterator[tuple[str, list[str]]]:
-    """(relative video path, captions, where) from a CSV (path,caption) or JSONL ({path, caption|captions})."""
+    """(relative video path, captions) from a CSV (path,caption) or JSONL ({path, caption|captions})."""
     if path.suffix.lower() == ".csv":
         with path.open(encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh)
@@ -149,8 +163,9 @@ def _caption_rows(path: Path) -> Iterator[tuple[str, list[str]]]:
             yield rec["path"], caps
 
 
-def read_captions(root: Path, videos: list[Path], captions_file: str | Path | None = None) -> dict[Path, list[str]]:
-    """Captions per video: from captions_file where it lists the video, else from a sidecar NAME.txt (one per line)."""
+def read_captions(root: Path, videos: list[Path],
+                  captions_file: str | Path | None = None) -> dict[Path, list[str]]:
+    """Captions per video: from captions_file where it lists the video, else the lines of sidecar NAME.txt."""
     table: dict[Path, list[str]] = {}
     if captions_file is not None:
         known = {v.resolve() for v in videos}
@@ -229,12 +244,19 @@ def build_video_shards(inputs: list[tuple[Path, list[str]]], out_dir: str | Path
     def samples() -> Iterator[Sample]:
         nonlocal bad
         probed = _probe_all([c[0] for c in captioned], workers, progress)
-        for (path, caps, rel, key), meta in zip(captioned, probed):
-            if isinstance(meta, str):
-                report(rel, meta)
+        # The probes go first in zip so that their iterator runs out, which closes the bar and the pool.
+        for meta, (path, caps, rel, key) in zip(probed, captioned):
+            reason = meta if isinstance(meta, str) else None
+            if reason is None:
+                try:
+                    video = path.read_bytes()
+                except OSError as e:  # removed or unreadable since it was probed
+                    reason = str(e)
+            if reason is not None:
+                report(rel, reason)
                 bad += 1
                 continue
-            yield key, path.read_bytes(), {**meta, "source": rel, "license": license, "captions": caps}
+            yield key, video, {**meta, "source": rel, "license": license, "captions": caps}
 
     index = write_samples(samples(), out_dir, shard_bytes)
     n = sum(s["samples"] for s in index["shards"])
@@ -245,10 +267,10 @@ def build_video_shards(inputs: list[tuple[Path, list[str]]], out_dir: str | Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--input", required=True, help="folder searched recursively for .mp4 .mov .mkv .webm .avi")
+    ap.add_argument("--input", required=True, help="folder searched recursively for videos")
     ap.add_argument("--out", required=True, help="output folder for shards and index.json")
-    ap.add_argument("--captions", help="CSV (path,caption) or JSONL ({path, caption|captions}); paths relative "
-                                       "to --input; videos it does not list fall back to a sidecar NAME.txt")
+    ap.add_argument("--captions", help="CSV (path,caption) or JSONL ({path, caption|captions}); paths "
+                    "relative to --input; videos it does not list fall back to a sidecar NAME.txt")
     ap.add_argument("--shard-size-mb", type=float, default=256, help="roll over to a new shard at ~N MB")
     ap.add_argument("--workers", type=int, default=1, help="processes probing videos in parallel")
     ap.add_argument("--license", default="unknown", help="license string recorded with every sample")
@@ -257,11 +279,12 @@ def main() -> None:
     if not root.is_dir():
         raise SystemExit(f"--input {root} is not a folder")
     videos = find_videos(root)
-    captions = read_captions(root, videos, args.captions)
     try:
-        index = build_video_shards([(v, captions.get(v, [])) for v in videos], args.out,
-                                   int(args.shard_size_mb * 2**20), args.workers, root=root, license=args.license)
-    except ValueError as e:
+        captions = read_captions(root, videos, args.captions)
+        inputs = [(v, captions.get(v, [])) for v in videos]
+        index = build_video_shards(inputs, args.out, int(args.shard_size_mb * 2**20), args.workers, root=root,
+                                   license=args.license)
+    except (ValueError, OSError) as e:  # a bad captions file, or no usable video at all
         raise SystemExit(f"error: {e}") from None
     n = sum(s["samples"] for s in index["shards"])
     print(f"wrote {n} of {len(videos)} videos in {len(index['shards'])} shards to {args.out}")

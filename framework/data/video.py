@@ -13,11 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from framework.data.buckets import Bucket, assign_bucket, epoch_schedule, usable_duration
 from framework.data.shards import CorruptShardError, assign_shards, load_index
-from framework.data.video_decode import CorruptVideoError, choose_start, clip_times, decode_clip, resize_crop
+from framework.data.video_decode import (
+    CorruptVideoError,
+    choose_start,
+    clip_times,
+    decode_clip,
+    resize_crop_uint8,
+    to_unit_range,
+)
 
 FORMAT = "video-v1"
 MIN_SEEN = 20  # clips seen before max_skip_fraction is enforced: one early failure must not stop a run
@@ -101,38 +108,46 @@ class _EpochBatches(Dataset):
         start = choose_start(duration, bucket.seconds(self.fps), rng)
         return clip_times(duration, self.fps, bucket.frames, start), start, rng
 
-    def load(self, shard_id: int, item_idx: int, bucket: Bucket) -> tuple[torch.Tensor, str]:
-        """One clip (3, T, H, W) in [-1, 1] and its caption; raises CorruptVideoError / CorruptShardError."""
+    def load(self, shard_id: int, item_idx: int, bucket: Bucket, out: torch.Tensor) -> str:
+        """Decode one clip into out (3, T, H, W) uint8; returns its caption. Raises CorruptVideoError or
+        CorruptShardError."""
         shard, item = self.shards[shard_id], self.shards[shard_id]["items"][item_idx]
         path = self.root / shard["path"]
         times, _, rng = self.clip(shard_id, item_idx, bucket)
         caption = pick_caption(_captions(path, item), self.seed, self.epoch, item["key"])
         frames = decode_clip(_read(path, item["offset"], item["size"], f"{item['key']}.mp4"), times,
                              num_threads=1)  # one decoder thread: parallelism comes from the workers
-        return resize_crop(frames, bucket.height, bucket.width, rng if self.random_crop else None), caption
+        resize_crop_uint8(frames, bucket.height, bucket.width, rng if self.random_crop else None, out=out)
+        return caption
 
     def __getitem__(self, i: int) -> dict:
         bucket_id, refs = self.plan[self.start + i]
         bucket = self.buckets[bucket_id]
         keys = [self.shards[s]["items"][j]["key"] for s, j in refs]
-        loaded: list[tuple[torch.Tensor, str] | None] = []
+        # uint8 crosses the process boundary: a quarter of the shared memory float32 would need (fresh shared
+        # pages are costly to touch); the main process converts to float.
+        video = torch.empty(len(refs), 3, bucket.frames, bucket.height, bucket.width, dtype=torch.uint8)
+        if get_worker_info() is not None:
+            video.share_memory_()  # allocated shared up front, so sending it moves no pixels
+        captions: list[str | None] = []
         failed = []  # (shard path, key, reason); the main process warns and counts
-        for (s, j), key in zip(refs, keys):
+        for k, ((s, j), key) in enumerate(zip(refs, keys)):
             try:
-                loaded.append(self.load(s, j, bucket))
+                captions.append(self.load(s, j, bucket, video[k]))
             except (CorruptVideoError, CorruptShardError, OSError) as e:
-                loaded.append(None)
+                captions.append(None)
                 failed.append((self.shards[s]["path"], key, getattr(e, "reason", str(e))))
-        good = [k for k, x in enumerate(loaded) if x is not None]
-        batch = {"video": None, "caption": [], "key": [], "bucket": bucket_id, "fps": self.fps, "skipped": failed}
+        good = [k for k, c in enumerate(captions) if c is not None]
         if not good:
-            batch["key"] = keys
-            return batch
+            return {"video": None, "caption": [], "key": keys, "bucket": bucket_id, "fps": self.fps,
+                    "skipped": failed}
         # A failed clip takes the next good clip of its batch: batches never shrink, so ranks never desync.
-        src = [k if loaded[k] is not None else next((g for g in good if g > k), good[0]) for k in range(len(refs))]
-        batch["video"] = torch.stack([loaded[k][0] for k in src])
-        batch["caption"], batch["key"] = [loaded[k][1] for k in src], [keys[k] for k in src]
-        return batch
+        src = [k if captions[k] is not None else next((g for g in good if g > k), good[0]) for k in range(len(refs))]
+        for k, g in enumerate(src):
+            if k != g:
+                video[k].copy_(video[g])
+        return {"video": video, "caption": [captions[g] for g in src], "key": [keys[g] for g in src],
+                "bucket": bucket_id, "fps": self.fps, "skipped": failed}
 
 
 def _init_worker(worker_id: int) -> None:
@@ -176,6 +191,7 @@ class VideoStream:
         self._skipped: list[str] = []  # "shard:key (reason)" of every replaced clip, for the error message
         self._plans: dict[int, Plan] = {}
         self._iter: Iterator[dict] | None = None
+        self._epoch, self._batch = 0, 0
         self.start_epoch(0)
 
     # ---- planning: pure functions of (index, buckets, seed, epoch, world) ----
@@ -203,7 +219,9 @@ class VideoStream:
             size = self.buckets[b].batch_size
             plan.append((b, groups[b][cursor[b]:cursor[b] + size]))
             cursor[b] += size
-        self._plans = {epoch: plan}  # one epoch is enough: the stream only moves forward
+        # The current epoch and one looked-up epoch are enough: the stream only moves forward.
+        self._plans = {e: p for e, p in self._plans.items() if e == self._epoch}
+        self._plans[epoch] = plan
         return plan
 
     def batches_in_epoch(self, epoch: int) -> int:
@@ -214,13 +232,13 @@ class VideoStream:
         return _EpochBatches(self.root, self.shards, self.buckets, self._plan(epoch), start, self.fps, self.seed,
                              epoch, self.random_crop)
 
-    def planned_clips(self, epoch: int, start: int, count: int) -> list[tuple[Path, int, int, np.ndarray]]:
-        """(shard file, mp4 offset, mp4 size, timestamps (T,)) of every clip of `count` batches from `start`."""
+    def planned_clips(self, epoch: int, start: int, count: int) -> list[tuple[Path, str, int, int, np.ndarray]]:
+        """(shard file, key, mp4 offset, mp4 size, timestamps (T,)) of each clip of `count` batches from `start`."""
         ds, out = self._dataset(epoch, 0), []
         for b, refs in ds.plan[start:start + count]:
             for s, j in refs:
                 item = self.shards[s]["items"][j]
-                out.append((self.root / self.shards[s]["path"], item["offset"], item["size"],
+                out.append((self.root / self.shards[s]["path"], item["key"], item["offset"], item["size"],
                             ds.clip(s, j, self.buckets[b])[0]))
         return out
 
@@ -267,6 +285,7 @@ class VideoStream:
         if self._batch >= len(self._plan(self._epoch)):
             self.start_epoch(self._epoch + 1)
         self._account(batch.pop("skipped"), batch)
+        batch["video"] = to_unit_range(batch["video"])
         return batch
 
     def _account(self, failed: list[tuple[str, str, str]], batch: dict) -> None:

@@ -101,9 +101,11 @@ def flow_sigmas(steps: int, shift: float = 1.0, num_train_steps: int | None = No
 
 
 def euler_step(v: Tensor, x: Tensor, sigma: float | Tensor, sigma_next: float | Tensor) -> Tensor:
-    """x + (sigma_next - sigma) v, in float32 like FlowMatchEulerDiscreteScheduler.step: (B, ...)."""
+    """x + (sigma_next - sigma) v, at least in float32 like FlowMatchEulerDiscreteScheduler.step: (B, ...)."""
+    # bf16 states drift over many small steps, so the update is accumulated in float32 (float64 stays).
+    dtype = torch.promote_types(x.dtype, torch.float32)
     dt = torch.as_tensor(sigma_next, dtype=torch.float32) - torch.as_tensor(sigma, dtype=torch.float32)
-    return (x.float() + dt.to(x.device) * v.float()).to(x.dtype)
+    return (x.to(dtype) + dt.to(device=x.device, dtype=dtype) * v.to(dtype)).to(x.dtype)
 
 
 def _velocity(model_fn: ModelFn, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor] | None) -> Tensor:

@@ -78,7 +78,9 @@ def _abar(schedule: GaussianSchedule, t: Tensor | int, x: Tensor) -> Tensor:
     if isinstance(t, int):
         value = schedule.alphas_cumprod[t] if t >= 0 else torch.tensor(1.0, dtype=torch.float64)
         return value.to(x.device)
-    return schedule.alphas_cumprod[t.cpu().long()].to(x.device).view(-1, *([1] * (x.ndim - 1)))
+    # Index on t's device: moving t to the CPU instead would stall a GPU stream every call.
+    values = schedule.alphas_cumprod.to(t.device)[t.long()]
+    return values.to(x.device).view(-1, *([1] * (x.ndim - 1)))
 
 
 def _coefs(schedule: GaussianSchedule, t: Tensor | int, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,8 +149,10 @@ def _noise_like(x: Tensor, noise: Tensor | None, gen: torch.Generator | None) ->
     """The given noise, or a fresh draw from gen in the same order and shape as diffusers' randn_tensor."""
     if noise is not None:
         return noise
-    device = gen.device if gen is not None else x.device
-    return torch.randn(x.shape, generator=gen, device=device, dtype=x.dtype).to(x.device)
+    if gen is None:
+        # The global RNG would break exact resume, so a draw must name its generator.
+        raise ValueError("this step adds noise: pass noise= or gen= (a torch.Generator)")
+    return torch.randn(x.shape, generator=gen, device=gen.device, dtype=x.dtype).to(x.device)
 
 
 def ddpm_step(

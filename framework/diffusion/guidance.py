@@ -14,13 +14,14 @@ import torch
 from torch import Tensor
 
 ModelFn = Callable[..., Any]  # model_fn(x (B, ...), t (B,), **cond) -> tensor, or a tuple / dict of tensors
+Scale = float | Mapping[str, float]  # a mapping gives each output key (modality) its own scale
 
 
 @dataclass(frozen=True, eq=False)
 class Guidance:
-    """Sampling-time CFG: scale (1 = conditional only) and the null condition (rows of batch 1 or B)."""
+    """Sampling-time CFG: scale (1 = conditional only, or one per output key) and the null condition."""
 
-    scale: float
+    scale: Scale
     null_cond: Mapping[str, Tensor]
 
 
@@ -38,10 +39,17 @@ def replace_dropped(cond: Tensor, null: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep, cond, null.to(device=cond.device, dtype=cond.dtype))
 
 
-def cfg_combine(cond_out: Any, uncond_out: Any, scale: float) -> Any:
+def cfg_combine(cond_out: Any, uncond_out: Any, scale: Scale) -> Any:
     """uncond + scale * (cond - uncond), leaf by leaf for tuples and dicts of tensors (one per modality)."""
     if isinstance(cond_out, Mapping):
-        return {k: cfg_combine(cond_out[k], uncond_out[k], scale) for k in cond_out}
+        if isinstance(scale, Mapping) and set(scale) != set(cond_out):
+            raise KeyError(f"guidance scales are given for {sorted(scale)}, the model outputs {sorted(cond_out)}")
+        return {
+            k: cfg_combine(cond_out[k], uncond_out[k], scale[k] if isinstance(scale, Mapping) else scale)
+            for k in cond_out
+        }
+    if isinstance(scale, Mapping):
+        raise TypeError(f"per-key guidance scales {dict(scale)} need a model that returns a dict")
     if isinstance(cond_out, tuple | list):
         return type(cond_out)(cfg_combine(c, u, scale) for c, u in zip(cond_out, uncond_out))
     return uncond_out + scale * (cond_out - uncond_out)
@@ -68,15 +76,16 @@ def _null_rows(key: str, value: Tensor, null: Tensor, batch: int) -> Tensor:
     return null.to(device=value.device, dtype=value.dtype).expand_as(value)
 
 
-def guided(model_fn: ModelFn, scale: float, null_cond: Mapping[str, Tensor]) -> ModelFn:
+def guided(model_fn: ModelFn, scale: Scale, null_cond: Mapping[str, Tensor]) -> ModelFn:
     """A model_fn giving uncond + scale * (cond - uncond) from ONE forward over the batch 2B.
 
     Keys of cond missing from null_cond (masks, sizes) are repeated unchanged in the null half.
-    scale == 1 skips the null pass entirely.
+    scale == 1 (every scale 1, for per-key scales) skips the null pass entirely.
     """
+    conditional_only = all(s == 1.0 for s in scale.values()) if isinstance(scale, Mapping) else scale == 1.0
 
     def fn(x: Tensor, t: Tensor, **cond: Tensor) -> Any:
-        if scale == 1.0:
+        if conditional_only:
             return model_fn(x, t, **cond)
         b = x.shape[0]
         unknown = set(null_cond) - set(cond)

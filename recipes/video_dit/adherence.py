@@ -1,4 +1,4 @@
-"""Analytic prompt adherence for the shapes dataset: read colour, shape and direction off a video, no learning."""
+"""Analytic prompt adherence for the shapes dataset: colour, shape and direction read off a video."""
 
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ def _as_rgb255(video: np.ndarray, value_range: tuple[float, float] | None) -> np
 def _fill_ratio(cover: np.ndarray) -> float | None:
     """Shape area over its bounding box area for a coverage map (H, W) in [0, 1]; None when empty.
 
-    The box sides are soft (the sum of each column's / row's largest coverage), so they have sub-pixel precision:
-    an integer box around a 21-pixel circle can be off by 10% and blur circles into squares.
+    The box sides are soft (the sum of each column's / row's largest coverage), so they have sub-pixel
+    precision: an integer box around a 21-pixel circle can be off by 10% and blur circles into squares.
     """
     width, height = cover.max(axis=0).sum(), cover.max(axis=1).sum()
     return float(cover.sum() / (width * height)) if width > 0 and height > 0 else None

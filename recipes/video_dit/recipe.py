@@ -105,8 +105,6 @@ class VideoDiTRecipe(Recipe):
     unit = "latent_tokens"
 
     def validate(self, cfg: VideoDiTRunConfig, world: int) -> None:
-        if cfg.text.encoder != "bytes" and not Path(cfg.text.encoder).is_dir():
-            raise ConfigError(f"text.encoder: {cfg.text.encoder!r} is neither 'bytes' nor a local model folder")
         if not 0 <= cfg.sample.bucket < len(cfg.data.buckets):
             raise ConfigError(f"sample.bucket={cfg.sample.bucket} is not an index into data.buckets "
                               f"({len(cfg.data.buckets)} buckets)")
@@ -131,6 +129,8 @@ class VideoDiTRecipe(Recipe):
     def build_model(self, cfg: VideoDiTRunConfig) -> Built:
         helpers: dict[str, nn.Module] = {"vae": load_vae(cfg.vae.path)}
         if cfg.text.encoder != "bytes":
+            if not Path(cfg.text.encoder).is_dir():
+                raise ConfigError(f"text.encoder: {cfg.text.encoder!r} is neither 'bytes' nor a local T5/UMT5 folder")
             encoder = HFTextEncoder(cfg.text.encoder, cfg.text.max_len)
             if encoder.hidden_size != cfg.model.text_dim:
                 raise ConfigError(f"model.text_dim={cfg.model.text_dim} but {cfg.text.encoder} outputs "

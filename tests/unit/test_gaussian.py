@@ -30,8 +30,8 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def randn(seed: int, shape: tuple[int, ...] = SHAPE) -> torch.Tensor:
-    return torch.randn(shape, generator=gen(seed))
+def randn(seed: int, shape: tuple[int, ...] = SHAPE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(shape, generator=gen(seed), dtype=dtype)
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def test_ddpm_step_matches_diffusers(kind, variance):
         x, out = randn(t).double(), randn(t + 1).double()
         expected = ref.step(out, t, x, generator=gen(7)).prev_sample
         # Explicit noise drawn like diffusers' randn_tensor (shape, generator, dtype): the same numbers.
-        explicit = ddpm_step(out, x, t, sched, kind, variance=variance, noise=randn(7, x.shape).double())
+        explicit = ddpm_step(out, x, t, sched, kind, variance=variance, noise=randn(7, x.shape, x.dtype))
         drawn = ddpm_step(out, x, t, sched, kind, gen(7), variance)
         torch.testing.assert_close(explicit, expected, rtol=1e-10, atol=1e-10)
         assert torch.equal(drawn, explicit)
@@ -157,7 +157,7 @@ def test_ddpm_strided_steps_match_diffusers(kind):
     for i, t in enumerate(ts):
         x, out = randn(t).double(), randn(t + 1).double()
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        ours = ddpm_step(out, x, t, sched, kind, variance="beta", t_prev=t_prev, noise=randn(5, x.shape).double())
+        ours = ddpm_step(out, x, t, sched, kind, variance="beta", t_prev=t_prev, noise=randn(5, x.shape, x.dtype))
         expected = ref.step(out, t, x, generator=gen(5)).prev_sample
         torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
 
@@ -193,12 +193,12 @@ def oracle(sched: GaussianSchedule, kind: str, mu: float, std: float):
     """The exact posterior-mean model for data ~ N(mu, std^2) (std 0: the point mass mu)."""
 
     def model_fn(x, t):
-        a = sched.alphas_cumprod[t.long()].view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        assert bool((t == t[0]).all()), "samplers give every sample the same timestep"
+        a = float(sched.alphas_cumprod[int(t[0])])  # Python floats keep the 1000-step loops cheap
         var = a * std**2 + 1 - a
-        eps = (1 - a).sqrt() / var * (x - a.sqrt() * mu)
-        x0 = mu + a.sqrt() * std**2 / var * (x - a.sqrt() * mu)
-        noise_free = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}
-        return noise_free[kind]
+        eps = (1 - a) ** 0.5 / var * (x - a**0.5 * mu)
+        x0 = mu + a**0.5 * std**2 / var * (x - a**0.5 * mu)
+        return {"eps": eps, "x0": x0, "v": a**0.5 * eps - (1 - a) ** 0.5 * x0}[kind]
 
     return model_fn
 
@@ -214,18 +214,47 @@ def test_samplers_recover_a_point_mass(kind):
 
 @pytest.mark.parametrize("sampler", ["ddim0", "ddim1", "ddpm_beta", "ddpm_posterior"])
 def test_samplers_reach_a_gaussian_data_distribution(sampler):
-    # Only the first steps see the data's spread, so this checks the whole chain, not just the last step.
+    # Only the early steps see the data's spread, so this checks the whole chain, not just the last step.
+    # 1000 steps: at 100 DDIM's discretisation error alone is ~4% of the std.
     sched, mu, std = linear_schedule(), 0.5, 0.3
     model_fn = oracle(sched, "eps", mu, std)
     if sampler.startswith("ddim"):
-        x = ddim_sample(model_fn, (20000,), sched, "eps", steps=100, eta=float(sampler[-1]), gen=gen(2))
+        x = ddim_sample(model_fn, (8192,), sched, "eps", steps=1000, eta=float(sampler[-1]), gen=gen(2))
     else:
-        x = ddpm_sample(model_fn, (20000,), sched, "eps", gen(2), variance=sampler[5:], steps=100)
+        x = ddpm_sample(model_fn, (8192,), sched, "eps", gen(2), variance=sampler[5:])
     assert abs(x.mean().item() - mu) < 0.01
-    assert abs(x.std().item() - std) < 0.015
+    assert abs(x.std().item() - std) < 0.01
+
+
+def test_ddim_eta_one_is_ddpm_with_posterior_variance():
+    sched = cosine_schedule()
+    model_fn = oracle(sched, "v", 0.2, 0.5)
+    ddim = ddim_sample(model_fn, (64,), sched, "v", steps=25, eta=1.0, gen=gen(4))
+    ddpm = ddpm_sample(model_fn, (64,), sched, "v", gen(4), variance="posterior", steps=25)
+    torch.testing.assert_close(ddim, ddpm, rtol=1e-5, atol=1e-5)
 
 
 def test_leading_timesteps_rejects_bad_counts():
     assert leading_timesteps(1000, 4) == [750, 500, 250, 0]
     with pytest.raises(ValueError, match="steps must be in"):
         leading_timesteps(1000, 0)
+
+
+def test_noisy_steps_need_an_explicit_generator_or_noise():
+    with pytest.raises(ValueError, match="pass noise= or gen="):
+        ddpm_step(randn(0), randn(1), 500, linear_schedule(), "eps")
+    with pytest.raises(ValueError, match="pass noise= or gen="):
+        ddim_step(randn(0), randn(1), 500, 400, linear_schedule(), "eps", eta=0.3)
+    # Deterministic steps draw nothing, so they need neither.
+    ddpm_step(randn(0), randn(1), 0, linear_schedule(), "eps")
+    ddim_step(randn(0), randn(1), 500, 400, linear_schedule(), "eps")
+
+
+def test_bf16_inputs_keep_their_dtype():
+    sched, t = cosine_schedule(), torch.tensor([10, 500, 990])
+    x0, noise = randn(0).bfloat16(), randn(1).bfloat16()
+    x_t = q_sample(x0, t, noise, sched)
+    assert x_t.dtype == torch.bfloat16
+    torch.testing.assert_close(x_t.float(), q_sample(x0.float(), t, noise.float(), sched), rtol=1e-2, atol=1e-2)
+    x0_hat, _ = predict_x0_eps(prediction_target(x0, noise, t, sched, "v"), x_t, t, sched, "v")
+    assert x0_hat.dtype == torch.bfloat16
