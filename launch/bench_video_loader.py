@@ -20,6 +20,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 import numpy as np
+import torch
 
 from framework.data.buckets import parse_buckets, usable_duration
 from framework.data.shards import load_index
@@ -50,11 +51,17 @@ def _time_raw(clips: list, num_workers: int) -> tuple[float, int]:
     return time.perf_counter() - t0, frames
 
 
-def _time_loader(make_stream, batches: int) -> tuple[float, int]:
-    t0 = time.perf_counter()
-    stream = make_stream()
-    frames = sum(b["video"].shape[0] * b["video"].shape[2] for b in islice(stream, batches))
-    return time.perf_counter() - t0, frames
+def _time_loader(make_stream, batches: int, num_workers: int) -> tuple[float, int]:
+    threads = torch.get_num_threads()
+    if num_workers == 0:
+        torch.set_num_threads(1)  # in-process, like the raw side: one process, one thread
+    try:
+        t0 = time.perf_counter()
+        stream = make_stream()
+        frames = sum(b["video"].shape[0] * b["video"].shape[2] for b in islice(stream, batches))
+        return time.perf_counter() - t0, frames
+    finally:
+        torch.set_num_threads(threads)
 
 
 def default_buckets(data_dir: str | Path, fps: float) -> list[str]:
@@ -66,13 +73,13 @@ def default_buckets(data_dir: str | Path, fps: float) -> list[str]:
 
 
 def run(data_dir: str | Path, buckets: list[str | dict], fps: float, num_workers: int, batches: int,
-        repeats: int = 2) -> dict:
+        repeats: int = 2, uint8: bool = False) -> dict:
     """Frames/s of the loader and of raw decord over the same clips; prints both and their ratio."""
     parsed = parse_buckets(buckets)
 
     def make_stream() -> VideoStream:
         return VideoStream(data_dir, parsed, 0, 1, seed=0, fps=fps, num_workers=num_workers,
-                           max_skip_fraction=1.0)
+                           max_skip_fraction=1.0, uint8=uint8)
 
     probe = make_stream()
     batches = min(batches, len(probe))  # one epoch: the clip list below is that epoch's plan
@@ -82,13 +89,14 @@ def run(data_dir: str | Path, buckets: list[str | dict], fps: float, num_workers
     raw_runs, loader_runs = [], []
     for _ in range(repeats):
         raw_runs.append(_time_raw(clips, num_workers))
-        loader_runs.append(_time_loader(make_stream, batches))
+        loader_runs.append(_time_loader(make_stream, batches, num_workers))
     raw_s, raw_frames = min(raw_runs)
     loader_s, loader_frames = min(loader_runs)
     out = {"batches": batches, "clips": len(clips), "workers": num_workers, "frames": loader_frames,
            "loader_fps": loader_frames / loader_s, "raw_fps": raw_frames / raw_s,
-           "ratio": (loader_frames / loader_s) / (raw_frames / raw_s), "buckets": [str(b) for b in buckets]}
-    print(f"video loader: {out['loader_fps']:.1f} frames/s, raw decord: {out['raw_fps']:.1f} frames/s over "
+           "ratio": (loader_frames / loader_s) / (raw_frames / raw_s), "buckets": [str(b) for b in buckets],
+           "output": "uint8" if uint8 else "float32"}
+    print(f"video loader ({out['output']}): {out['loader_fps']:.1f} frames/s, raw decord: {out['raw_fps']:.1f} frames/s over "
           f"{len(clips)} clips with {num_workers} workers; ratio {out['ratio']:.3f} (target >= 0.8)")
     return out
 
@@ -101,9 +109,10 @@ def main() -> None:
     ap.add_argument("--fps", type=float, default=8.0, help="frames sampled per second of video")
     ap.add_argument("--buckets", nargs="+", help="HxWxF:B buckets (default: the most common source size)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the fastest counts")
+    ap.add_argument("--uint8", action="store_true", help="time the loader's uint8 output instead of float32")
     args = ap.parse_args()
     run(args.data, args.buckets or default_buckets(args.data, args.fps), args.fps, args.workers, args.batches,
-        args.repeats)
+        args.repeats, args.uint8)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tarfile
 import warnings
 from collections import Counter
@@ -17,17 +18,11 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from framework.data.buckets import Bucket, assign_bucket, epoch_schedule, usable_duration
 from framework.data.shards import CorruptShardError, assign_shards, load_index
-from framework.data.video_decode import (
-    CorruptVideoError,
-    choose_start,
-    clip_times,
-    decode_clip,
-    resize_crop_uint8,
-    to_unit_range,
-)
+from framework.data.video_decode import CorruptVideoError, choose_start, clip_times, decode_clip, resize_crop
 
 FORMAT = "video-v1"
 MIN_SEEN = 20  # clips seen before max_skip_fraction is enforced: one early failure must not stop a run
+_KEEP_SKIPPED = 100  # failed clips remembered by name (the state dict stays small on a long run)
 _CHECKED = ("world", "rank", "seed", "fps", "batch_multiple", "buckets", "num_shards")
 _ITEM_FIELDS = ("key", "width", "height", "duration", "offset", "size")
 
@@ -90,45 +85,42 @@ def _captions(path: Path, item: dict) -> list[str]:
 
 
 class _EpochBatches(Dataset):
-    """Map-style view of one epoch's planned batches from `start` on; item i is a whole decoded batch."""
+    """Map-style view of one epoch's planned batches from `start` on; item i is a whole decoded batch plus
+    "skipped": the (shard, key, reason) of clips that failed and were replaced."""
 
     def __init__(self, root: Path, shards: list[dict], buckets: list[Bucket], plan: Plan, start: int, fps: float,
-                 seed: int, epoch: int, random_crop: bool) -> None:
+                 seed: int, epoch: int, random_crop: bool, dtype: torch.dtype) -> None:
         self.root, self.shards, self.buckets, self.plan, self.start = root, shards, buckets, plan, start
-        self.fps, self.seed, self.epoch, self.random_crop = fps, seed, epoch, random_crop
+        self.fps, self.seed, self.epoch, self.random_crop, self.dtype = fps, seed, epoch, random_crop, dtype
 
     def __len__(self) -> int:
         return len(self.plan) - self.start
 
-    def clip(self, shard_id: int, item_idx: int, bucket: Bucket) -> tuple[np.ndarray, float, np.random.Generator]:
+    def clip(self, shard_id: int, item_idx: int, bucket: Bucket) -> tuple[np.ndarray, np.random.Generator]:
         """This epoch's timestamps (T,) of an item, and the generator its crop draws from."""
         item = self.shards[shard_id]["items"][item_idx]
         rng = np.random.default_rng([self.seed, self.epoch, key_seed(item["key"])])
         duration = usable_duration(item)
         start = choose_start(duration, bucket.seconds(self.fps), rng)
-        return clip_times(duration, self.fps, bucket.frames, start), start, rng
+        return clip_times(duration, self.fps, bucket.frames, start), rng
 
     def load(self, shard_id: int, item_idx: int, bucket: Bucket, out: torch.Tensor) -> str:
-        """Decode one clip into out (3, T, H, W) uint8; returns its caption. Raises CorruptVideoError or
-        CorruptShardError."""
+        """Decode one clip into out (3, T, H, W) (float32 in [-1, 1], or uint8); returns its caption. Raises
+        CorruptVideoError or CorruptShardError."""
         shard, item = self.shards[shard_id], self.shards[shard_id]["items"][item_idx]
         path = self.root / shard["path"]
-        times, _, rng = self.clip(shard_id, item_idx, bucket)
+        times, rng = self.clip(shard_id, item_idx, bucket)
         caption = pick_caption(_captions(path, item), self.seed, self.epoch, item["key"])
         frames = decode_clip(_read(path, item["offset"], item["size"], f"{item['key']}.mp4"), times,
                              num_threads=1)  # one decoder thread: parallelism comes from the workers
-        resize_crop_uint8(frames, bucket.height, bucket.width, rng if self.random_crop else None, out=out)
+        resize_crop(frames, bucket.height, bucket.width, rng if self.random_crop else None, out=out)
         return caption
 
     def __getitem__(self, i: int) -> dict:
         bucket_id, refs = self.plan[self.start + i]
         bucket = self.buckets[bucket_id]
         keys = [self.shards[s]["items"][j]["key"] for s, j in refs]
-        # uint8 crosses the process boundary: a quarter of the shared memory float32 would need (fresh shared
-        # pages are costly to touch); the main process converts to float.
-        video = torch.empty(len(refs), 3, bucket.frames, bucket.height, bucket.width, dtype=torch.uint8)
-        if get_worker_info() is not None:
-            video.share_memory_()  # allocated shared up front, so sending it moves no pixels
+        video = _batch_tensor((len(refs), 3, bucket.frames, bucket.height, bucket.width), self.dtype)
         captions: list[str | None] = []
         failed = []  # (shard path, key, reason); the main process warns and counts
         for k, ((s, j), key) in enumerate(zip(refs, keys)):
@@ -150,6 +142,17 @@ class _EpochBatches(Dataset):
                 "bucket": bucket_id, "fps": self.fps, "skipped": failed}
 
 
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Uninitialised batch; in a DataLoader worker it lives in shared memory from the start."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    # As DataLoader's own collate does: sending a shared tensor to the main process then copies no pixels.
+    # Workers also convert to float, so the main process (the trainer) only receives; fresh shared pages are
+    # costly to touch, though (~0.4 ms/MB), which is what uint8 output saves.
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
 def _init_worker(worker_id: int) -> None:
     # Each worker is one decoding lane; intra-op threads in every worker would oversubscribe the cores.
     torch.set_num_threads(1)
@@ -159,11 +162,13 @@ class VideoStream:
     """Infinite iterator of {"video": (B, 3, T, H, W) float32 in [-1, 1], "caption", "key", "bucket", "fps"}.
 
     B, T, H, W come from the step's bucket, identical on all ranks; len() is this epoch's number of batches.
+    uint8=True yields the pixels as uint8 0..255 instead (a quarter of the shared memory and host-to-device
+    copy); convert on the device with video_decode.to_unit_range.
     """
 
     def __init__(self, data_dir: str | Path, buckets: list[Bucket], rank: int, world: int, seed: int, fps: float,
                  batch_multiple: int = 1, num_workers: int = 0, max_skip_fraction: float = 0.05,
-                 random_crop: bool = False) -> None:
+                 random_crop: bool = False, uint8: bool = False) -> None:
         if fps <= 0 or batch_multiple < 1 or num_workers < 0:
             raise ValueError(f"need fps > 0, batch_multiple >= 1, num_workers >= 0; got {fps}, "
                              f"{batch_multiple}, {num_workers}")
@@ -181,14 +186,14 @@ class VideoStream:
                                  f"entries have {_ITEM_FIELDS}")
         self.buckets, self.rank, self.world, self.seed, self.fps = list(buckets), rank, world, seed, float(fps)
         self.batch_multiple, self.num_workers = batch_multiple, num_workers
-        self.max_skip_fraction, self.random_crop = max_skip_fraction, random_crop
+        self.max_skip_fraction, self.random_crop, self.uint8 = max_skip_fraction, random_crop, uint8
         # Bucket choice depends only on an item's metadata, so every rank computes the same table.
         self._bucket_of = [[assign_bucket(it, self.buckets, self.fps) for it in s["items"]] for s in self.shards]
         self._counts = [Counter(b for b in bs if b is not None) for bs in self._bucket_of]
         self.too_short_keys = [it["key"] for s, bs in zip(self.shards, self._bucket_of)
                                for it, b in zip(s["items"], bs) if b is None]
         self.stats = {"seen": 0, "skipped": 0, "too_short": len(self.too_short_keys)}
-        self._skipped: list[str] = []  # "shard:key (reason)" of every replaced clip, for the error message
+        self._skipped: list[str] = []  # "shard:key (reason)" of the latest replaced clips, for the error message
         self._plans: dict[int, Plan] = {}
         self._iter: Iterator[dict] | None = None
         self._epoch, self._batch = 0, 0
@@ -230,7 +235,7 @@ class VideoStream:
 
     def _dataset(self, epoch: int, start: int) -> _EpochBatches:
         return _EpochBatches(self.root, self.shards, self.buckets, self._plan(epoch), start, self.fps, self.seed,
-                             epoch, self.random_crop)
+                             epoch, self.random_crop, torch.uint8 if self.uint8 else torch.float32)
 
     def planned_clips(self, epoch: int, start: int, count: int) -> list[tuple[Path, str, int, int, np.ndarray]]:
         """(shard file, key, mp4 offset, mp4 size, timestamps (T,)) of each clip of `count` batches from `start`."""
@@ -285,14 +290,13 @@ class VideoStream:
         if self._batch >= len(self._plan(self._epoch)):
             self.start_epoch(self._epoch + 1)
         self._account(batch.pop("skipped"), batch)
-        batch["video"] = to_unit_range(batch["video"])
         return batch
 
     def _account(self, failed: list[tuple[str, str, str]], batch: dict) -> None:
         self.stats["seen"] += len(batch["key"])
         for shard, key, reason in failed:
             self.stats["skipped"] += 1
-            self._skipped.append(f"{shard}:{key} ({reason})")
+            self._skipped = [*self._skipped[-(_KEEP_SKIPPED - 1):], f"{shard}:{key} ({reason})"]
             if batch["video"] is not None:
                 warnings.warn(f"rank {self.rank}: skipping video {key!r} of {self.root / shard}: {reason}; "
                               f"replaced by another clip of the same batch", RuntimeWarning, stacklevel=3)
@@ -302,7 +306,7 @@ class VideoStream:
         seen, skipped = self.stats["seen"], self.stats["skipped"]
         if seen >= MIN_SEEN and skipped / seen > self.max_skip_fraction:
             raise RuntimeError(f"rank {self.rank}: {skipped} of {seen} clips failed to load, more than "
-                               f"max_skip_fraction={self.max_skip_fraction}: {self._skipped}")
+                               f"max_skip_fraction={self.max_skip_fraction}; the latest: {self._skipped}")
 
     # ---- resume ----
 

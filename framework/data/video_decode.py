@@ -93,7 +93,7 @@ def _decode_pyav(data: bytes, times: np.ndarray, num_threads: int) -> np.ndarray
                 origin = float(frame.pts * tb) if origin is None else origin
                 start = float(frame.pts * tb) - origin
                 # A frame's interval is only known once the next one arrives: convert it to RGB just then, and
-                # only when a requested time falls inside it (conversion costs about as much as decoding).
+                # only when a requested time falls inside it (the RGB conversion is not free).
                 if prev is not None and np.any((times >= starts[-1] - _EPS) & (times < start - _EPS)):
                     kept[len(starts) - 1] = prev.to_ndarray(format="rgb24")
                 starts.append(start)
@@ -141,12 +141,13 @@ def decode_clip(data: bytes, times: np.ndarray, *, backend: str = "auto", num_th
             raise CorruptVideoError(f"{e.reason}; {e2.reason}") from None
 
 
-def resize_crop_uint8(frames: np.ndarray, height: int, width: int, rng: np.random.Generator | None = None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """frames (T, H, W, 3) uint8 -> (3, T, height, width) uint8: resize to cover the box, then crop.
+def resize_crop(frames: np.ndarray, height: int, width: int, rng: np.random.Generator | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """frames (T, H, W, 3) uint8 -> (3, T, height, width) float32 in [-1, 1]: cover the box, then crop.
 
     The aspect ratio is kept (the shorter side fits the box); the crop is centred, or uniform when rng is given.
-    Writes into `out` (3, T, height, width) uint8 when given, e.g. a slot of a preallocated batch.
+    Writes into `out` (3, T, height, width) when given, e.g. a slot of a preallocated batch; a uint8 `out`
+    gets the pixels unconverted (0..255).
     """
     t, h, w, _ = frames.shape
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W), channels-last
@@ -159,15 +160,14 @@ def resize_crop_uint8(frames: np.ndarray, height: int, width: int, rng: np.rando
     top, left = (rh - height) // 2, (rw - width) // 2
     if rng is not None:
         top, left = int(rng.integers(0, rh - height + 1)), int(rng.integers(0, rw - width + 1))
-    x = x[:, :, top:top + height, left:left + width].permute(1, 0, 2, 3)
-    return x.contiguous() if out is None else out.copy_(x)
+    x = x[:, :, top:top + height, left:left + width]
+    if out is None:
+        out = torch.empty(3, t, height, width)
+    out.copy_(x.permute(1, 0, 2, 3))
+    # Cropped before converting: only kept pixels become float, and uint8 / 127.5 - 1 never leaves [-1, 1].
+    return out if out.dtype == torch.uint8 else out.mul_(1 / 127.5).sub_(1.0)
 
 
 def to_unit_range(video: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (any shape) -> float32 in [-1, 1]."""
+    """uint8 pixels (any shape, any device) -> float32 in [-1, 1], as resize_crop returns them."""
     return video.to(torch.float32).mul_(1 / 127.5).sub_(1.0)
-
-
-def resize_crop(frames: np.ndarray, height: int, width: int, rng: np.random.Generator | None = None) -> torch.Tensor:
-    """frames (T, H, W, 3) uint8 -> (3, T, height, width) float32 in [-1, 1]: cover the box, then crop."""
-    return to_unit_range(resize_crop_uint8(frames, height, width, rng))

@@ -2,6 +2,9 @@
 disjoint keys, exact resume with and without workers, corrupt clips replaced within the batch, captions."""
 
 import json
+import re
+import subprocess
+import sys
 import tarfile
 import warnings
 from fractions import Fraction
@@ -23,8 +26,10 @@ from framework.data.video_decode import (
     clip_times,
     decode_clip,
     resize_crop,
+    to_unit_range,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 FPS = 8.0
 BUCKETS = parse_buckets(["64x64x8:2", "64x96x8:2"])  # 1 s clips at 8 fps: square and landscape
 META = ("fps", "frames", "width", "height", "duration", "has_audio")
@@ -257,6 +262,14 @@ def test_resume_is_exact(videos, workers):
     assert b.state_dict() == a.state_dict()
 
 
+def test_uint8_output_is_the_same_pixels(videos):
+    f, u = (VideoStream(videos["clean"], BUCKETS, 0, 1, seed=2, fps=FPS, num_workers=w, uint8=q)
+            for w, q in ((0, False), (2, True)))
+    for x, y in zip(take(f, 3), take(u, 3)):
+        assert y["video"].dtype == torch.uint8 and x["key"] == y["key"]
+        assert torch.equal(to_unit_range(y["video"]), x["video"])
+
+
 def test_load_state_rejects_another_run(videos):
     s = VideoStream(videos["clean"], BUCKETS, 0, 1, seed=0, fps=FPS)
     state = s.state_dict()
@@ -302,3 +315,12 @@ def test_a_batch_with_no_good_clip_raises(videos):
     s = VideoStream(videos["bad"], parse_buckets(["64x64x8:2"]), 0, 1, seed=0, fps=FPS)
     with pytest.raises(RuntimeError, match="every clip"):
         next(s)
+
+
+@pytest.mark.skipif(not DECORD_AVAILABLE, reason="the raw baseline is decord")
+def test_loader_benchmark_cli(videos):
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "bench_video_loader.py"), "--data",
+                          str(videos["clean"]), "--workers", "0", "--batches", "2", "--repeats", "1",
+                          "--buckets", "64x64x8:2", "64x96x8:2"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"raw decord: [\d.]+ frames/s .* ratio [\d.]+ \(target >= 0.8\)", out.stdout)
