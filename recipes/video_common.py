@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from framework.config import ConfigError
 from framework.data.buckets import parse_buckets
 from framework.data.video import VideoStream
+from framework.data.video_decode import to_unit_range
 
 
 @dataclass
@@ -18,6 +21,7 @@ class VideoDataConfig:
     num_workers: int = 1  # decoding processes per rank
     max_skip_fraction: float = 0.05  # corrupt or unreadable clips tolerated before the run stops
     random_crop: bool = False
+    uint8: bool = True  # workers ship uint8 frames (4x less memory traffic); scaled to [-1, 1] on the device
 
 
 def video_stream(data: VideoDataConfig, split: str, rank: int, world: int, seed: int,
@@ -36,6 +40,13 @@ def video_stream(data: VideoDataConfig, split: str, rank: int, world: int, seed:
         return VideoStream(str(path), buckets, rank=rank, world=world, seed=seed, fps=data.fps,
                            batch_multiple=batch_multiple,
                            num_workers=data.num_workers if num_workers is None else num_workers,
-                           max_skip_fraction=data.max_skip_fraction, random_crop=data.random_crop)
+                           max_skip_fraction=data.max_skip_fraction, random_crop=data.random_crop,
+                           uint8=data.uint8)
     except ValueError as e:
         raise ConfigError(f"data ({split} split): {e}") from e
+
+
+def video_tensor(batch: dict) -> torch.Tensor:
+    """The batch's clips as float32 (B, 3, T, H, W) in [-1, 1], wherever they are (uint8 or float)."""
+    video = batch["video"]
+    return to_unit_range(video) if video.dtype == torch.uint8 else video

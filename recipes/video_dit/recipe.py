@@ -17,7 +17,7 @@ from framework.diffusion.guidance import Guidance, drop_condition, replace_dropp
 from framework.export.video_io import to_uint8, write_grid_png, write_mp4
 from framework.recipe import Built, Recipe
 from framework.rng import derive_seed
-from recipes.video_common import VideoDataConfig, video_stream
+from recipes.video_common import VideoDataConfig, video_stream, video_tensor
 from recipes.video_dit.model import VideoDiT, VideoDiTConfig, count_parameters, train_flops_per_sample
 from recipes.video_dit.text_encoder import ByteTextEncoder, HFTextEncoder
 from recipes.video_dit.vae_ref import VaeRefConfig, latent_stats, load_vae
@@ -151,7 +151,7 @@ class VideoDiTRecipe(Recipe):
         """Normalised VAE latents of a batch (encoded online, no grad)."""
         vae = helpers["vae"]
         with torch.no_grad():
-            mean, _ = vae.encode(batch["video"].to(next(vae.parameters()).dtype))
+            mean, _ = vae.encode(video_tensor(batch).to(next(vae.parameters()).dtype))
         shift, scale = self.latent_stats(cfg, helpers)
         return (mean.float() - shift) * scale
 

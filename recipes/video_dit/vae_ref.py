@@ -10,6 +10,7 @@ import torch
 
 from framework.config import ConfigError
 from framework.export.safetensors_io import read
+from recipes.video_common import video_tensor
 from recipes.video_vae.model import VideoVAE, VideoVAEConfig
 
 
@@ -42,7 +43,7 @@ def latent_stats(cfg: VaeRefConfig, vae: VideoVAE, stream_fn: Callable) -> tuple
     values = []
     for _, batch in zip(range(cfg.stats_batches), stream_fn()):
         device = next(vae.parameters()).device
-        mean, _ = vae.encode(batch["video"].to(device=device, dtype=next(vae.parameters()).dtype))
+        mean, _ = vae.encode(video_tensor(batch).to(device=device, dtype=next(vae.parameters()).dtype))
         values.append(mean.float().flatten())
     z = torch.cat(values)
     return float(z.mean()), float(1.0 / z.std().clamp_min(1e-6))

@@ -14,7 +14,7 @@ from framework import distributed as dist
 from framework.config import ConfigError, RunConfig
 from framework.export.video_io import to_uint8, write_grid_png, write_mp4
 from framework.recipe import Built, Recipe
-from recipes.video_common import VideoDataConfig, video_stream
+from recipes.video_common import VideoDataConfig, video_stream, video_tensor
 from recipes.video_vae.model import VideoVAE, VideoVAEConfig, kl_divergence
 
 
@@ -60,7 +60,7 @@ class VideoVaeRecipe(Recipe):
         return video_stream(cfg.data, split, rank, world, cfg.train.seed, batch_multiple)
 
     def loss(self, cfg: VideoVaeConfig, model, helpers, batch, gen):
-        x = batch["video"]
+        x = video_tensor(batch)
         x_hat, mean, logvar = model(x, gen=gen)
         recon = F.mse_loss(x_hat.float(), x.float()) if cfg.loss.recon == "mse" else F.l1_loss(x_hat.float(), x.float())
         kl = kl_divergence(mean, logvar)
@@ -78,7 +78,7 @@ class VideoVaeRecipe(Recipe):
         stream = video_stream(cfg.data, "val", rank, world, cfg.train.seed, num_workers=0)
         total, count = 0.0, 0
         for _, batch in zip(range(min(cfg.eval.batches, len(stream))), stream):
-            x = batch["video"].to(dist.device())
+            x = video_tensor(batch).to(dist.device())
             total += float(psnr(self._reconstruct(model, x), x).sum())
             count += x.shape[0]
         total, count = dist.all_reduce([total, float(count)], op="sum")
@@ -87,7 +87,7 @@ class VideoVaeRecipe(Recipe):
     def sample(self, model, helpers, cfg: VideoVaeConfig, rank: int, world: int, step: int, out_dir: str) -> list[str]:
         """Side-by-side input | reconstruction mp4s of the first held-out clips (rank 0 writes)."""
         stream = video_stream(cfg.data, "val", rank, world, cfg.train.seed, num_workers=0)
-        x = next(iter(stream))["video"][: cfg.eval.samples].to(dist.device())
+        x = video_tensor(next(iter(stream)))[: cfg.eval.samples].to(dist.device())
         x_hat = self._reconstruct(model, x)
         if rank != 0:
             return []

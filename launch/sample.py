@@ -1,0 +1,69 @@
+"""Sample from a checkpoint: `python launch/sample.py RUN_DIR_OR_CHECKPOINT [--prompt P ...] [options] [key=value ...]`.
+
+Loads the consolidated weights (the EMA when the run kept one, unless --no-ema) into one process and
+runs the recipe's sampler: mp4 files and a PNG grid for video recipes, text for the language model.
+Any config key can be overridden, e.g. `sample.sampler=heun`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+import torch
+
+from framework import checkpoint, distributed as dist
+from framework.config import ConfigError
+from framework.export.safetensors_io import consolidated_state_dict
+from framework.recipe import load_run_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a run dir (its newest complete checkpoint) or a checkpoint dir")
+    parser.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
+    parser.add_argument("--steps", type=int, help="sampling steps")
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (video recipes)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--size", help="HEIGHTxWIDTHxFRAMES of the videos (video recipes)")
+    parser.add_argument("--out", help="output folder (default RUN/samples/sample_step_N)")
+    parser.add_argument("--no-ema", action="store_true", help="use the live weights even if an EMA exists")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the run's config")
+    args = parser.parse_args(argv)
+    dist.prepare_env()
+    try:
+        ckpt = checkpoint.resolve(args.checkpoint, "")
+        meta = checkpoint.read_meta(ckpt)
+        overrides = list(args.overrides)
+        for flag, key in ((args.steps, "sample.steps"), (args.cfg, "sample.cfg_scale"), (args.seed, "sample.seed")):
+            if flag is not None:
+                overrides.append(f"{key}={flag}")
+        if args.size:
+            overrides += [f"data.buckets=['{args.size}:1']", "sample.bucket=0"]
+        if args.prompt:
+            overrides.append(f"sample.prompts={args.prompt!r}")
+        cfg, recipe = load_run_config(meta["config"], overrides, world=1)
+        if args.prompt:
+            cfg.eval.samples = len(args.prompt)
+        use_ema = not args.no_ema and checkpoint.trainer_states(ckpt)[0].get("ema") is not None
+        built = recipe.build_model(cfg)
+        built.model.load_state_dict(consolidated_state_dict(ckpt, use_ema=use_ema))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = dist.device()
+    model = built.model.to(device).eval()
+    helpers = {k: v.to(device).eval() for k, v in built.helpers.items()}
+    out = args.out or str(Path(cfg.run_dir) / "samples" / f"sample_{ckpt.name}")
+    print(f"sampling {ckpt} ({'EMA' if use_ema else 'live'} weights) -> {out}", flush=True)
+    with torch.no_grad():
+        lines = recipe.sample(model, helpers, cfg, 0, 1, meta["step"], out)
+    for line in lines:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
