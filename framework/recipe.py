@@ -19,10 +19,10 @@ from framework.config import ConfigError, RunConfig, apply_overrides, check_comm
 
 @dataclass
 class Built:
-    """What `Recipe.build_model` returns.
+    """What `Recipe.build_model` returns: the trainable module that goes into the DeepSpeed engine.
 
-    `model` is the trainable module that goes into the DeepSpeed engine; `helpers` are frozen modules
-    (VAE, text encoder, teacher) kept outside it: eval mode, no grads, never checkpointed as trainable.
+    `helpers` is filled by the trainer from `Recipe.build_helpers`: frozen modules kept outside the engine
+    (eval mode, no grads, never checkpointed as trainable).
     """
 
     model: torch.nn.Module
@@ -44,7 +44,12 @@ class Recipe:
         return ""
 
     def build_model(self, cfg: RunConfig) -> Built:
+        """The trainable model (built under deepspeed.zero.Init for ZeRO-3, so partitioned at birth)."""
         raise NotImplementedError
+
+    def build_helpers(self, cfg: RunConfig) -> dict[str, torch.nn.Module]:
+        """Frozen modules (VAE, text encoder, teacher): built outside ZeRO-3's partitioning, whole on every rank."""
+        return {}
 
     def build_data(self, cfg: RunConfig, split: str, rank: int, world: int, batch_multiple: int = 1) -> Iterable:
         """An iterable of batches (dicts of tensors) with state_dict()/load_state_dict()."""

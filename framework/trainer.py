@@ -71,7 +71,7 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
     with engine_lib.model_init_context(ds_config):
         built = recipe.build_model(cfg)
     compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    helpers = freeze(built.helpers, device, compute_dtype)
+    helpers = freeze(recipe.build_helpers(cfg), device, compute_dtype)
     engine = engine_lib.initialize(built.model, cfg, ds_config)
     ema = ShardedEMA(engine.module, cfg.ema.decay, rank, world) if cfg.ema.decay > 0 else None
 

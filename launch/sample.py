@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = dist.device()
     model = built.model.to(device).eval()
-    helpers = {k: v.to(device).eval() for k, v in built.helpers.items()}
+    helpers = {k: v.to(device).eval() for k, v in recipe.build_helpers(cfg).items()}
     out = args.out or str(Path(cfg.run_dir) / "samples" / f"sample_{ckpt.name}")
     print(f"sampling {ckpt} ({'EMA' if use_ema else 'live'} weights) -> {out}", flush=True)
     with torch.no_grad():

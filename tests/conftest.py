@@ -74,3 +74,14 @@ def text_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, "data/prepare_text.py", "--input", str(corpus), "--out", str(out),
                     "--vocab-size", "400"], cwd=REPO, check=True, capture_output=True, timeout=300)
     return out
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small shapes dataset (32x32, 9 frames at 8 fps): 48 train clips in 8 shards, 16 val clips."""
+    from make_shapes_dataset import generate_split
+
+    out = tmp_path_factory.mktemp("shapes")
+    generate_split(out / "train", "train", 48, size=32, frames=9, fps=8, progress=False)
+    generate_split(out / "val", "val", 16, size=32, frames=9, fps=8, progress=False)
+    return out

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from framework.nn.attention import attention
+from framework.nn.init import gathered_for_init
 from framework.nn.layers import RMSNorm, SwiGLU
 from framework.nn.rope import apply_rope, rope_frequencies
 
@@ -114,7 +115,8 @@ class LladaModel(nn.Module):
         cos, sin = rope_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self._init_weights()
+        with gathered_for_init(self):
+            self._init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 

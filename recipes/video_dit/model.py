@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from framework.nn.dit import DiTBlock, FinalLayer, TimestepEmbedder, unpatchify
+from framework.nn.init import gathered_for_init
 from framework.nn.rope_nd import default_bands, grid_positions, rope_nd
 
 
@@ -49,7 +50,8 @@ class VideoDiT(nn.Module):
                                        nn.Linear(cfg.dim, cfg.dim))
         self.blocks = nn.ModuleList(DiTBlock(cfg.dim, cfg.heads, cfg.ffn_hidden, cfg.qk_norm) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg.dim, cfg.in_channels * self.patch[0] * self.patch[1] * self.patch[2])
-        self._init_weights()
+        with gathered_for_init(self):
+            self._init_weights()
 
     def _init_weights(self) -> None:
         for m in self.modules():

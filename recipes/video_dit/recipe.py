@@ -127,6 +127,9 @@ class VideoDiTRecipe(Recipe):
 
     # ---- building -----------------------------------------------------------------------------------
     def build_model(self, cfg: VideoDiTRunConfig) -> Built:
+        return Built(model=TextToVideo(cfg))
+
+    def build_helpers(self, cfg: VideoDiTRunConfig) -> dict[str, nn.Module]:
         helpers: dict[str, nn.Module] = {"vae": load_vae(cfg.vae.path)}
         if cfg.text.encoder != "bytes":
             if not Path(cfg.text.encoder).is_dir():
@@ -136,7 +139,7 @@ class VideoDiTRecipe(Recipe):
                 raise ConfigError(f"model.text_dim={cfg.model.text_dim} but {cfg.text.encoder} outputs "
                                   f"{encoder.hidden_size}")
             helpers["text_encoder"] = encoder
-        return Built(model=TextToVideo(cfg), helpers=helpers)
+        return helpers
 
     def build_data(self, cfg: VideoDiTRunConfig, split: str, rank: int, world: int, batch_multiple: int = 1):
         return video_stream(cfg.data, split, rank, world, cfg.train.seed, batch_multiple)

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from framework.nn.dit import Attention
+
 
 def encode_bytes(captions: list[str], max_len: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """UTF-8 bytes + 1 as ids (0 = padding) -> ids (B, S), mask (B, S) True where a byte is."""
@@ -17,6 +19,20 @@ def encode_bytes(captions: list[str], max_len: int, device: torch.device | None 
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long) + 1
     ids = ids.to(device)
     return ids, ids > 0
+
+
+class TextBlock(nn.Module):
+    """Pre-norm bidirectional self-attention + MLP over caption tokens (padding masked as keys)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, qk_norm=False)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+
+    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
+        h = h + self.attn(self.norm1(h), key_padding_mask=mask)
+        return h + self.mlp(self.norm2(h))
 
 
 class ByteTextEncoder(nn.Module):
@@ -30,15 +46,17 @@ class ByteTextEncoder(nn.Module):
         self.max_len = max_len
         self.embed = nn.Embedding(257, dim)
         self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
-        self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        # Our own blocks, not nn.TransformerEncoder: it deep-copies one layer, and nn.MultiheadAttention reads
+        # out_proj.weight without calling out_proj, both of which break ZeRO-3's parameter gathering.
+        self.layers = nn.ModuleList(TextBlock(dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """-> hidden (B, S, dim), mask (B, S)."""
         ids, mask = encode_bytes(captions, self.max_len, self.embed.weight.device)
         h = self.embed(ids) + self.pos[: ids.shape[1]]
-        h = self.layers(h, src_key_padding_mask=~mask)
+        for layer in self.layers:
+            h = layer(h, mask)
         return self.norm(h), mask
 
 

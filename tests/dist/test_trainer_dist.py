@@ -142,3 +142,12 @@ def test_sigusr1_to_one_rank_stops_both(text_data, tmp_path):
     saved = complete_checkpoints(run / "checkpoints")
     assert len(saved) == 1
     assert len(list(saved[0].glob("trainer_rank*.pt"))) == 2
+
+
+def test_zero3_initialises_like_zero2(text_data, tmp_path):
+    """Parameters built partitioned (zero.Init) get the same custom init: the first losses agree."""
+    first = {}
+    for stage in (2, 3):
+        train(text_data, tmp_path / f"z{stage}", f"train.zero_stage={stage}", "train.steps=1", nproc=2)
+        first[stage] = losses(tmp_path / f"z{stage}")[1]
+    assert first[3] == pytest.approx(first[2], rel=1e-5)
