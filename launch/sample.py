@@ -14,7 +14,8 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import torch
 
-from framework import checkpoint, distributed as dist
+from framework import checkpoint
+from framework import distributed as dist
 from framework.config import ConfigError
 from framework.export.safetensors_io import consolidated_state_dict
 from framework.recipe import load_run_config

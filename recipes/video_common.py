@@ -22,6 +22,7 @@ class VideoDataConfig:
     max_skip_fraction: float = 0.05  # corrupt or unreadable clips tolerated before the run stops
     random_crop: bool = False
     uint8: bool = True  # workers ship uint8 frames (4x less memory traffic); scaled to [-1, 1] on the device
+    latents: str = ""  # video_dit: a latent cache from launch/cache_latents.py to train from; "" encodes online
 
 
 def video_stream(data: VideoDataConfig, split: str, rank: int, world: int, seed: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -12,6 +13,8 @@ from torch import Tensor, nn
 
 from framework import distributed as dist
 from framework.config import ConfigError, RunConfig
+from framework.data.buckets import parse_buckets
+from framework.data.latents import LatentStream, cache_key
 from framework.diffusion import flow, gaussian
 from framework.diffusion.guidance import Guidance, drop_condition, replace_dropped
 from framework.export.video_io import to_uint8, write_grid_png, write_mp4
@@ -142,7 +145,24 @@ class VideoDiTRecipe(Recipe):
         return helpers
 
     def build_data(self, cfg: VideoDiTRunConfig, split: str, rank: int, world: int, batch_multiple: int = 1):
+        if cfg.data.latents and split == "train":
+            return self.latent_stream(cfg, rank, world, batch_multiple)
         return video_stream(cfg.data, split, rank, world, cfg.train.seed, batch_multiple)
+
+    def latent_stream(self, cfg: VideoDiTRunConfig, rank: int, world: int, batch_multiple: int) -> LatentStream:
+        """Training batches from a latent cache, refused unless it was made by this VAE at this size and fps."""
+        path = Path(cfg.data.latents) / "train"
+        if not (path / "index.json").is_file():
+            raise ConfigError(f"data.latents: no latent cache at {path}; make one with "
+                              f"`python launch/cache_latents.py PRESET --out {cfg.data.latents}`")
+        index = json.loads((path / "index.json").read_text())
+        expected = cache_key(cfg.vae.path, cfg.data.buckets[0], cfg.data.fps)
+        if index.get("cache_key") != expected:
+            raise ConfigError(f"data.latents: {path} was made with {index.get('cache_key')}, but this run needs "
+                              f"{expected} (vae.path, data.buckets[0], data.fps); rebuild the cache")
+        self._stats = (index["latent_mean"], 1.0 / index["latent_std"])
+        batch = parse_buckets(cfg.data.buckets)[0].batch_size
+        return LatentStream(path, batch, rank, world, cfg.train.seed, batch_multiple)
 
     # ---- training -----------------------------------------------------------------------------------
     def encode_text(self, model, helpers: dict, captions: list[str]) -> tuple[Tensor, Tensor]:
@@ -151,10 +171,14 @@ class VideoDiTRecipe(Recipe):
         return _unwrap(model).text_encoder(captions)
 
     def latents(self, cfg: VideoDiTRunConfig, helpers: dict, batch: dict) -> Tensor:
-        """Normalised VAE latents of a batch (encoded online, no grad)."""
+        """Normalised VAE latents of a batch: from the cache, or encoded online (no grad)."""
+        if "latents" in batch:
+            shift, scale = self._stats
+            return (batch["latents"].float() - shift) * scale
         vae = helpers["vae"]
         with torch.no_grad():
-            mean, _ = vae.encode(video_tensor(batch).to(next(vae.parameters()).dtype))
+            video = video_tensor(batch).to(next(vae.parameters()).dtype)
+            mean, _ = vae.encode(video, chunked=video.shape[2] > 33)  # chunks only where memory needs them
         shift, scale = self.latent_stats(cfg, helpers)
         return (mean.float() - shift) * scale
 
@@ -191,10 +215,12 @@ class VideoDiTRecipe(Recipe):
                 else gaussian.linear_schedule(d.num_steps))
 
     def work(self, cfg: VideoDiTRunConfig, batch: dict) -> tuple[float, float]:
-        v = batch["video"]
-        shape = (1 + (v.shape[2] - 1) // 4, v.shape[3] // 8, v.shape[4] // 8)
-        n = self.tokens(cfg, shape)
-        return float(v.shape[0] * n), v.shape[0] * train_flops_per_sample(cfg.model, shape, cfg.text.max_len)
+        if "latents" in batch:
+            b, shape = batch["latents"].shape[0], tuple(batch["latents"].shape[2:])
+        else:
+            v = batch["video"]
+            b, shape = v.shape[0], (1 + (v.shape[2] - 1) // 4, v.shape[3] // 8, v.shape[4] // 8)
+        return float(b * self.tokens(cfg, shape)), b * train_flops_per_sample(cfg.model, shape, cfg.text.max_len)
 
     # ---- evaluation and sampling --------------------------------------------------------------------
     def evaluate(self, model, helpers, cfg: VideoDiTRunConfig, rank: int, world: int, step: int) -> dict:
@@ -262,7 +288,8 @@ class VideoDiTRecipe(Recipe):
         vae = helpers["vae"]
         shift, scale = self.latent_stats(cfg, helpers)
         with torch.no_grad():
-            return vae.decode((z / scale + shift).to(next(vae.parameters()).dtype)).float().clamp(-1, 1)
+            z = (z / scale + shift).to(next(vae.parameters()).dtype)
+            return vae.decode(z, chunked=z.shape[2] > 9).float().clamp(-1, 1)
 
     def sample(self, model, helpers, cfg: VideoDiTRunConfig, rank: int, world: int, step: int, out_dir: str) -> list[str]:
         """Rank 0 writes the videos of this evaluation (rendered once, in evaluate) as mp4s and a PNG grid."""

@@ -43,7 +43,8 @@ def latent_stats(cfg: VaeRefConfig, vae: VideoVAE, stream_fn: Callable) -> tuple
     values = []
     for _, batch in zip(range(cfg.stats_batches), stream_fn()):
         device = next(vae.parameters()).device
-        mean, _ = vae.encode(video_tensor(batch).to(device=device, dtype=next(vae.parameters()).dtype))
+        video = video_tensor(batch).to(device=device, dtype=next(vae.parameters()).dtype)
+        mean, _ = vae.encode(video, chunked=video.shape[2] > 33)
         values.append(mean.float().flatten())
     z = torch.cat(values)
     return float(z.mean()), float(1.0 / z.std().clamp_min(1e-6))

@@ -71,8 +71,9 @@ class VideoVaeRecipe(Recipe):
         return float(v.shape[0] * v.shape[2]), 0.0
 
     def _reconstruct(self, model, x):
-        mean, _ = model.module.encode(x) if hasattr(model, "module") else model.encode(x)
-        return model.module.decode(mean) if hasattr(model, "module") else model.decode(mean)
+        vae = model.module if hasattr(model, "module") else model
+        mean, _ = vae.encode(x, chunked=x.shape[2] > 33)  # chunks only where memory needs them
+        return vae.decode(mean, chunked=x.shape[2] > 33)
 
     def evaluate(self, model, helpers, cfg: VideoVaeConfig, rank: int, world: int, step: int) -> dict:
         stream = video_stream(cfg.data, "val", rank, world, cfg.train.seed, num_workers=0)

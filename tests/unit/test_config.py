@@ -20,7 +20,7 @@ def test_preset_and_overrides_are_typed():
     assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
     assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
     assert cfg.model.qk_norm is True
-    assert cfg.run_dir == "runs/tiny"
+    assert cfg.run_dir == "runs/llada_tiny"
 
 
 def test_unknown_key_suggests_the_right_one():
