@@ -2,10 +2,19 @@
 
     python launch/benchmark.py trainer-overhead [--preset P] [--nproc N] [--steps S] [--repeats R] [key=value ...]
 
+    python launch/benchmark.py video-loader --data DIR [--workers N] [--batches B] [--uint8]
+    python launch/benchmark.py latent-cache --latents DIR [--steps S] [--repeats R] [key=value ...]
+
 trainer-overhead: seconds per optimizer step of our trainer (launch/train.py: LR schedule, per-step
 generators, metric all-reduce, EMA, JSONL, progress bar) divided by a bare DeepSpeed loop over the same
 model, data stream, loss, DeepSpeed config and process count. Runs alternate (ours, bare, ours, bare, ...)
 so drift on a shared machine hits both sides alike. Target: <= 1.05.
+
+video-loader: frames/s delivered by the video loader vs raw decord decoding of the same clips with the
+same worker count (launch/bench_video_loader.py). Target: >= 0.8.
+
+latent-cache: seconds per step of the tiny video DiT trained from the latent cache vs encoding every batch
+with the VAE online, both through launch/train.py, alternating.
 """
 
 from __future__ import annotations
@@ -106,6 +115,68 @@ def trainer_overhead(args: argparse.Namespace) -> None:
           f"(target <= 1.05; preset {args.preset}, {args.nproc} process(es), {args.steps - args.warmup} timed steps)")
 
 
+def latent_cache(args: argparse.Namespace) -> None:
+    preset = "recipes/video_dit/configs/tiny.yaml"
+    ratios = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            online = ours(preset, args.overrides, args.steps, args.warmup, args.nproc, Path(tmp))
+            cached = ours(preset, [*args.overrides, f"data.latents={args.latents}"], args.steps, args.warmup,
+                          args.nproc, Path(tmp))
+            ratios.append(online / cached)
+            print(f"repeat {r + 1}: online VAE encoding {online * 1e3:.1f} ms/step, latent cache {cached * 1e3:.1f} "
+                  f"ms/step, speed-up {online / cached:.2f}x", flush=True)
+    print(f"latent-cache: median speed-up {statistics.median(ratios):.2f}x over {args.repeats} pairs "
+          f"({args.steps - args.warmup} timed steps, {args.nproc} process(es))")
+
+
+def dit_throughput(args: argparse.Namespace) -> None:
+    """Training step of a video DiT shape on random latents and text embeddings (no data, no VAE): s/step,
+    latent tokens/s and MFU against the bf16 peak of the device (the preset's DeepSpeed config)."""
+    import torch
+
+    from framework import distributed as dist
+    from framework import engine as engine_lib
+    from framework.metrics import mfu, peak_tflops
+    from framework.recipe import load_run_config
+    from recipes.video_dit.model import train_flops_per_sample
+
+    dist.prepare_env()
+    dist.init()
+    overrides = [*args.overrides, "text.encoder=bytes", "train.micro_batch=1", f"train.global_batch={dist.world()}"]
+    cfg, recipe = load_run_config(args.preset, overrides, dist.world())
+    t, h, w = (int(v) for v in args.latent.split("x"))
+    ds_config = engine_lib.deepspeed_config(cfg, dist.world())
+    with engine_lib.model_init_context(ds_config):
+        model = recipe.build_model(cfg).model
+    engine = engine_lib.initialize(model, cfg, ds_config)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    device = dist.device()
+    x = torch.randn(1, cfg.model.in_channels, t, h, w, device=device, dtype=dtype)
+    text = torch.randn(1, args.text_len, cfg.model.text_dim, device=device, dtype=dtype)
+    mask = torch.ones(1, args.text_len, dtype=torch.bool, device=device)
+    times = []
+    for _step in range(args.steps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = engine(x, torch.rand(1, device=device), text, mask)
+        loss = out.float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        loss.item()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times[args.warmup:])
+    tokens = recipe.tokens(cfg, (t, h, w))
+    flops = train_flops_per_sample(cfg.model, (t, h, w), args.text_len)
+    peak = peak_tflops(cfg.log.peak_tflops)
+    if dist.is_main():
+        memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        print(f"dit-throughput: {args.preset} latent {t}x{h}x{w} ({tokens} tokens), text {args.text_len}: "
+              f"{seconds:.3f} s/step, {tokens / seconds:.0f} latent tokens/s, {flops / seconds / 1e12:.1f} TFLOP/s, "
+              f"MFU {mfu(flops / seconds, peak, 1) * 100:.1f}% (peak {peak} TFLOP/s), max memory {memory:.1f} GiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="name", required=True)
@@ -116,6 +187,29 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("overrides", nargs="*")
+    v = sub.add_parser("video-loader", help="video loader vs raw decord, same clips and workers")
+    v.add_argument("--data", default="datasets/shapes/train")
+    v.add_argument("--workers", type=int, default=2)
+    v.add_argument("--batches", type=int, default=20)
+    v.add_argument("--fps", type=float, default=8.0)
+    v.add_argument("--buckets", nargs="*", default=None)
+    v.add_argument("--repeats", type=int, default=2)
+    v.add_argument("--uint8", action="store_true", help="ship uint8 frames (the recipes' default)")
+    c = sub.add_parser("latent-cache", help="video DiT steps from the latent cache vs online VAE encoding")
+    c.add_argument("--latents", default="datasets/shapes_latents")
+    c.add_argument("--nproc", type=int, default=1)
+    c.add_argument("--steps", type=int, default=25)
+    c.add_argument("--warmup", type=int, default=5)
+    c.add_argument("--repeats", type=int, default=2)
+    c.add_argument("overrides", nargs="*")
+    d = sub.add_parser("dit-throughput", help="video DiT training step on random latents: s/step and MFU")
+    d.add_argument("--preset", default="recipes/video_dit/configs/wan2_1_1_3b.yaml")
+    d.add_argument("--latent", default="21x60x104", help="latent TxHxW (21x60x104: 81 frames at 480x832)")
+    d.add_argument("--text-len", type=int, default=512)
+    d.add_argument("--steps", type=int, default=8)
+    d.add_argument("--warmup", type=int, default=3)
+    d.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    d.add_argument("overrides", nargs="*")
     b = sub.add_parser("_bare-loop", help=argparse.SUPPRESS)
     b.add_argument("--preset", required=True)
     b.add_argument("--steps", type=int, required=True)
@@ -126,6 +220,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.name == "trainer-overhead":
         trainer_overhead(args)
+    elif args.name == "dit-throughput":
+        dit_throughput(args)
+    elif args.name == "latent-cache":
+        latent_cache(args)
+    elif args.name == "video-loader":
+        from bench_video_loader import default_buckets, run
+
+        buckets = args.buckets or default_buckets(args.data, args.fps)
+        run(args.data, buckets, args.fps, args.workers, args.batches, repeats=args.repeats, uint8=args.uint8)
     else:
         bare_loop(args.preset, args.overrides, args.steps, args.warmup, args.out)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import re
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -74,6 +73,8 @@ def _decode_decord(data: bytes, times: np.ndarray, num_threads: int) -> np.ndarr
 
 
 def _decode_pyav(data: bytes, times: np.ndarray, num_threads: int) -> np.ndarray:
+    import av  # only the fallback path needs PyAV (decord decodes where it is installed)
+
     kept: dict[int, np.ndarray] = {}  # frame index -> RGB, only for frames some time lands on
     starts: list[float] = []
     end, last = 0.0, float(times.max()) if times.size else -1.0

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from framework.nn.dit import DiTBlock, FinalLayer, TimestepEmbedder, unpatchify
+from framework.nn.dit import DiTBlock, FinalLayer, TimestepEmbedder, patchify, unpatchify
 from framework.nn.init import gathered_for_init
 from framework.nn.rope_nd import default_bands, grid_positions, rope_nd
 
@@ -24,6 +25,7 @@ class VideoDiTConfig:
     rope_theta: float = 10000.0
     text_dim: int = 128  # width of the text encoder's output
     time_scale: float = 1000.0  # t in [0, 1] is embedded as t * time_scale
+    activation_checkpointing: bool = False  # recompute blocks in backward (long clips at 480p and up)
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -43,7 +45,9 @@ class VideoDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch = tuple(cfg.patch)
-        self.patch_embed = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=self.patch, stride=self.patch)
+        # A linear map of each flattened patch: the same function as a strided Conv3d, but a plain matmul
+        # (bf16 Conv3d kernels with tiny kernels are slow on GPUs).
+        self.patch_embed = nn.Linear(cfg.in_channels * self.patch[0] * self.patch[1] * self.patch[2], cfg.dim)
         self.time_embed = TimestepEmbedder(cfg.dim, scale=cfg.time_scale)
         self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim)
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
@@ -59,9 +63,6 @@ class VideoDiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
         nn.init.zeros_(self.time_proj.weight)  # adaLN-Zero: every block starts as the identity
         nn.init.zeros_(self.time_proj.bias)
         for layer in (self.final.modulation, self.final.proj):
@@ -76,15 +77,19 @@ class VideoDiT(nn.Module):
         for size, p, axis in zip(x.shape[2:], self.patch, "THW"):
             if size % p:
                 raise ValueError(f"latent {axis}={size} is not divisible by patch size {p}")
-        tokens = self.patch_embed(x)
-        grid = tuple(tokens.shape[2:])
-        tokens = tokens.flatten(2).transpose(1, 2)
+        grid = tuple(size // p for size, p in zip(x.shape[2:], self.patch))
+        tokens = self.patch_embed(patchify(x, self.patch))
         c = self.time_embed(t)
         time6 = self.time_proj(nn.functional.silu(c)).unflatten(1, (6, -1))
         context = self.text_proj(text)
         rope = self.rope(grid, x.device)
         for block in self.blocks:
-            tokens = block(tokens, time6, rope, context, text_mask)
+            if self.cfg.activation_checkpointing and self.training:
+                # Recompute each block in backward: activations of long videos dwarf the weights otherwise.
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, time6, rope, context, text_mask,
+                                                           use_reentrant=False)
+            else:
+                tokens = block(tokens, time6, rope, context, text_mask)
         return unpatchify(self.final(tokens, c), grid, self.patch, self.cfg.in_channels)
 
 

@@ -47,3 +47,17 @@ def test_trainer_on_one_gpu_bf16(text_data, tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     loss = losses(run)
     assert len(loss) == 12 and loss[12] < loss[1]
+
+
+def test_video_dit_bf16_step_on_cuda():
+    from recipes.video_dit.model import VideoDiT, VideoDiTConfig
+
+    torch.manual_seed(0)
+    model = VideoDiT(VideoDiTConfig(in_channels=4, dim=64, depth=2, heads=4, ffn_hidden=128, text_dim=32))
+    model = model.cuda().to(torch.bfloat16)
+    x = torch.randn(2, 4, 3, 8, 8, device="cuda", dtype=torch.bfloat16)
+    text = torch.randn(2, 5, 32, device="cuda", dtype=torch.bfloat16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], device="cuda").bool()
+    out = model(x, torch.rand(2, device="cuda"), text, mask)
+    out.float().pow(2).mean().backward()
+    assert out.shape == x.shape and all(torch.isfinite(p.grad).all() for p in model.parameters())
