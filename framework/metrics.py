@@ -63,6 +63,23 @@ class Logger:
             shown = {k: v for k, v in values.items() if k in ("loss", "lr") or k.endswith("_per_s")}
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
 
+    def log_media(self, step: int, folder: str | Path) -> None:
+        """Send the sample files an evaluation wrote (mp4, png, txt) to wandb (rank 0; the files stay on disk)."""
+        if self.wandb is None or not Path(folder).is_dir():
+            return
+        import wandb
+
+        media = {}
+        for path in sorted(Path(folder).iterdir()):
+            if path.suffix == ".mp4":
+                media[f"samples/{path.stem}"] = wandb.Video(str(path), format="mp4")
+            elif path.suffix == ".png":
+                media[f"samples/{path.stem}"] = wandb.Image(str(path))
+            elif path.suffix == ".txt":
+                media[f"samples/{path.stem}"] = wandb.Html(f"<pre>{path.read_text()}</pre>")
+        if media:
+            self.wandb.log(media, step=step)
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)

@@ -176,6 +176,7 @@ def _evaluate(recipe: Recipe, engine: Any, helpers: dict, cfg: RunConfig, rank: 
         logger.write(f"eval @ {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
     for line in lines:
         logger.write(f"sample @ {step}: {line}")
+    logger.log_media(step, out_dir)
     return values
 
 

@@ -37,4 +37,5 @@ def test_tiny_preset_trains_evaluates_and_samples(text_data, tmp_path):
 
     assert (run / "config.yaml").read_text().startswith("recipe: llada")
     assert list((run / "wandb").glob("offline-run-*")), "wandb offline run missing"
+    assert list((run / "wandb").glob("offline-run-*/files/media/**/*samples*")), "samples not logged to wandb"
     assert [c.name for c in complete_checkpoints(run / "checkpoints")] == ["step_00000030", "step_00000060"]

@@ -105,3 +105,24 @@ def test_dit_resume_is_exact_and_samples_through_the_cli(shapes_data, vae_export
     reader = decord.VideoReader(str(videos[0]))
     assert len(reader) == 9 and reader[0].shape == (32, 64, 3)
     assert (out_dir / "grid.png").is_file()
+
+
+def test_latent_cache_is_keyed_and_trains_the_dit(shapes_data, vae_export, tmp_path):
+    """cache_latents.py on 2 ranks writes latent shards the DiT trains from; another fps is refused."""
+    cache = tmp_path / "latents"
+    args = [DIT, f"data.dir={shapes_data}", f"vae.path={vae_export}", *COMMON, "--out", str(cache)]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), "launch/cache_latents.py", *args], cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    index = json.loads((cache / "train" / "index.json").read_text())
+    assert sum(s["samples"] for s in index["shards"]) == 48
+    assert index["cache_key"]["bucket"] == "32x32x9" and index["latent_std"] > 0
+
+    run(DIT, shapes_data, tmp_path / "run", *SMALL_DIT, f"vae.path={vae_export}", f"data.latents={cache}",
+        "train.steps=3")
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]
+    bad = subprocess.run([sys.executable, "launch/train.py", DIT, f"data.dir={shapes_data}", f"vae.path={vae_export}",
+                          f"data.latents={cache}", *COMMON, *SMALL_DIT, "data.fps=4", f"run_dir={tmp_path / 'bad'}"],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "rebuild the cache" in bad.stderr
