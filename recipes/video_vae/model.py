@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from framework.nn.init import gathered_for_init
 from framework.nn.causal_conv import CausalConv3d, FeatureCache
 
 
@@ -29,6 +30,7 @@ class VideoVAEConfig:
     temporal_down: list[bool] = field(default_factory=lambda: [False, True, True])
     num_res_blocks: int = 1
     kl_weight: float = 1e-6  # read by the recipe's loss, not by the model
+    logvar_init: float = 0.0  # initial log-variance of the posterior (bias of the encoder's logvar half)
     scale_factor: float = 1.0  # latent normalisation for the DiT: (z - shift) * scale_factor
     shift: float = 0.0
 
@@ -196,6 +198,9 @@ class VideoVAE(nn.Module):
         self.compression = cfg.compression
         self.scale_factor, self.shift = cfg.scale_factor, cfg.shift
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        with gathered_for_init(self):
+            # Configurable start of the posterior noise (0 = unit variance, the usual VAE start).
+            nn.init.constant_(self.encoder.conv_out.bias[cfg.latent_channels:], cfg.logvar_init)
 
     def latent_shape(self, video_shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
         """(..., C, T, H, W) -> (..., latent_channels, 1 + (T - 1) / 4, H / 8, W / 8) with the defaults."""

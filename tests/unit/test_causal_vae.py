@@ -1,7 +1,6 @@
 """Causal video VAE: shapes, causality in time, chunked == whole-clip, bounded caches and a quick overfit."""
 
 import math
-import time
 
 import pytest
 import torch
@@ -147,7 +146,7 @@ def test_overfits_one_clip():
     )
     clip = torch.stack([torch.sin(3 * xx + 0.3 * t), torch.cos(2 * yy - 0.2 * t), xx * yy]).unsqueeze(0)
     opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
-    start, losses = time.monotonic(), []
+    losses = []
     for _ in range(60):
         mean, _ = vae.encode(clip, chunked=False)
         loss = (vae.decode(mean, chunked=False) - clip).pow(2).mean()
@@ -155,5 +154,4 @@ def test_overfits_one_clip():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert time.monotonic() - start < 20
     assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
