@@ -95,6 +95,22 @@ def all_reduce(values: list[float], op: str = "mean") -> list[float]:
     return t.tolist()
 
 
+def split_work(items: list, rank: int, world: int) -> list:
+    """This rank's share of `items`, padded to ceil(n / world) so every rank runs the same number of
+    forwards (ZeRO-3 forwards are collective); `gather_work` puts the results back in item order."""
+    per_rank = -(-len(items) // world)
+    return (items[rank::world] + items[:per_rank])[:per_rank]
+
+
+def gather_work(results: list, n: int, world: int) -> list:
+    """Every rank's `split_work` results, on every rank, in the original item order (padding dropped)."""
+    gathered = [results]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, results)
+    return [gathered[r][i] for i in range(len(results)) for r in range(world)][:n]
+
+
 def print0(*args, **kwargs) -> None:
     if is_main():
         print(*args, **kwargs, flush=True)

@@ -157,21 +157,14 @@ class LladaRecipe(Recipe):
 
         sp = spm.SentencePieceProcessor(model_file=str(Path(cfg.data.dir) / "tokenizer.model"))
         prompts = cfg.sample.prompts[: max(cfg.eval.samples, 0)]
-        per_rank = -(-len(prompts) // world)
-        mine = (prompts[rank::world] + [prompts[0]] * per_rank)[:per_rank] if prompts else []
         texts = []
-        for prompt in mine:
+        for prompt in dist.split_work(prompts, rank, world):
             ids = torch.tensor([sp.encode(prompt)], device=dist.device())
             s = cfg.sample
             out = generate(lambda x: model(x), ids, gen_length=s.gen_length, steps=s.steps,
                            block_length=s.block_length, mask_id=cfg.model.mask_id, temperature=s.temperature)
             texts.append(prompt + " ->" + sp.decode(_until_eos(out[0, ids.shape[1]:].tolist(), sp.eos_id())))
-        gathered = [None] * world
-        if world > 1:
-            torch.distributed.all_gather_object(gathered, texts)
-        else:
-            gathered = [texts]
-        lines = [gathered[r][i] for i in range(per_rank) for r in range(world)][: len(prompts)]
+        lines = dist.gather_work(texts, len(prompts), world)
         if rank == 0 and lines:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / "samples.txt").write_text("\n".join(lines) + "\n")

@@ -247,15 +247,9 @@ class VideoDiTRecipe(Recipe):
                step: int) -> list:
         """Every rank samples its share of the prompts (equal work: ZeRO-3 forwards are collective);
         returns all videos as uint8 (T, H, W, 3) arrays, in prompt order, on every rank."""
-        per_rank = -(-len(prompts) // world)
-        mine = (prompts[rank::world] + prompts[:per_rank])[:per_rank]
+        mine = dist.split_work(prompts, rank, world)
         videos = self.generate(model, helpers, cfg, mine, derive_seed(cfg.sample.seed, rank, step))
-        frames = [to_uint8(v) for v in videos]
-        gathered = [frames]
-        if world > 1:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, frames)
-        return [gathered[r][i] for i in range(per_rank) for r in range(world)][: len(prompts)]
+        return dist.gather_work([to_uint8(v) for v in videos], len(prompts), world)
 
     def generate(self, model, helpers, cfg: VideoDiTRunConfig, prompts: list[str], seed: int) -> Tensor:
         """Prompts -> videos (B, 3, T, H, W) in [-1, 1]: sample latents, then decode with the VAE."""

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from framework.nn.init import gathered_for_init
 from framework.nn.causal_conv import CausalConv3d, FeatureCache
+from framework.nn.init import gathered_for_init
 
 
 @dataclass

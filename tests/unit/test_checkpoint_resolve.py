@@ -36,3 +36,14 @@ def test_auto_without_checkpoints_starts_fresh_and_explicit_paths_are_checked(tm
 def test_mfu():
     assert mfu(1e12, peak=10.0, world=2) == pytest.approx(0.05)
     assert mfu(1e12, peak=0.0, world=1) == 0.0
+
+
+def test_split_work_covers_every_item_once_in_order():
+    from framework.distributed import split_work
+
+    items = list(range(7))
+    shares = [split_work(items, r, 3) for r in range(3)]
+    assert all(len(s) == 3 for s in shares)  # equal work on every rank, padded
+    # What gather_work does with the shares of all ranks: interleave, then drop the padding.
+    merged = [shares[r][i] for i in range(3) for r in range(3)][: len(items)]
+    assert merged == items
