@@ -51,3 +51,16 @@ def video_tensor(batch: dict) -> torch.Tensor:
     """The batch's clips as float32 (B, 3, T, H, W) in [-1, 1], wherever they are (uint8 or float)."""
     video = batch["video"]
     return to_unit_range(video) if video.dtype == torch.uint8 else video
+
+
+def check_vae_buckets(buckets: list[str]) -> None:
+    """The causal VAE needs 1 + 4k frames and sizes divisible by 8: say so before any work starts."""
+    try:
+        parsed = parse_buckets(buckets)
+    except ValueError as e:
+        raise ConfigError(f"data.buckets: {e}") from e
+    for spec, b in zip(buckets, parsed):
+        if (b.frames - 1) % 4:
+            raise ConfigError(f"data.buckets: {spec!r} has {b.frames} frames; the causal VAE needs 1 + 4k")
+        if b.height % 8 or b.width % 8:
+            raise ConfigError(f"data.buckets: {spec!r} is {b.height}x{b.width}; the VAE needs multiples of 8")

@@ -20,7 +20,7 @@ from framework.diffusion.guidance import Guidance, drop_condition, replace_dropp
 from framework.export.video_io import to_uint8, write_grid_png, write_mp4
 from framework.recipe import Built, Recipe
 from framework.rng import derive_seed
-from recipes.video_common import VideoDataConfig, video_stream, video_tensor
+from recipes.video_common import VideoDataConfig, check_vae_buckets, video_stream, video_tensor
 from recipes.video_dit.model import VideoDiT, VideoDiTConfig, count_parameters, train_flops_per_sample
 from recipes.video_dit.text_encoder import ByteTextEncoder, HFTextEncoder
 from recipes.video_dit.vae_ref import VaeRefConfig, latent_stats, load_vae
@@ -108,6 +108,7 @@ class VideoDiTRecipe(Recipe):
     unit = "latent_tokens"
 
     def validate(self, cfg: VideoDiTRunConfig, world: int) -> None:
+        check_vae_buckets(cfg.data.buckets)
         if not 0 <= cfg.sample.bucket < len(cfg.data.buckets):
             raise ConfigError(f"sample.bucket={cfg.sample.bucket} is not an index into data.buckets "
                               f"({len(cfg.data.buckets)} buckets)")

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from framework import distributed as dist
-from framework.config import ConfigError, RunConfig
+from framework.config import RunConfig
 from framework.export.video_io import to_uint8, write_grid_png, write_mp4
 from framework.recipe import Built, Recipe
-from recipes.video_common import VideoDataConfig, video_stream, video_tensor
+from recipes.video_common import VideoDataConfig, check_vae_buckets, video_stream, video_tensor
 from recipes.video_vae.model import VideoVAE, VideoVAEConfig, kl_divergence
 
 
@@ -44,10 +44,7 @@ class VideoVaeRecipe(Recipe):
     unit = "frames"
 
     def validate(self, cfg: VideoVaeConfig, world: int) -> None:
-        for spec in cfg.data.buckets:
-            frames = int(spec.split(":")[0].split("x")[2]) if spec.count("x") == 2 else None
-            if frames is not None and (frames - 1) % 4:
-                raise ConfigError(f"data.buckets: {spec!r} has {frames} frames; the causal VAE needs 1 + 4k")
+        check_vae_buckets(cfg.data.buckets)
 
     def describe(self, cfg: VideoVaeConfig) -> str:
         n = sum(p.numel() for p in VideoVAE(cfg.model).parameters())

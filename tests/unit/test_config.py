@@ -81,3 +81,14 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(60, schedule="cosine", **kw) == pytest.approx(0.55)
     assert lr_at(110, schedule="cosine", **kw) == pytest.approx(0.1)
     assert lr_at(50, schedule="constant", **kw) == 1.0
+
+
+def test_video_buckets_are_checked_before_any_work():
+    dit = str(ROOT / "recipes/video_dit/configs/tiny.yaml")
+    with pytest.raises(ConfigError, match=r"data.buckets: '64x64x16:8' has 16 frames; the causal VAE needs 1 \+ 4k"):
+        load_run_config(dit, ["data.buckets=['64x64x16:8']"], world=1)
+    with pytest.raises(ConfigError, match=r"data.buckets: '60x64x17:8' is 60x64; the VAE needs multiples of 8"):
+        load_run_config(str(ROOT / "recipes/video_vae/configs/tiny.yaml"), ["data.buckets=['60x64x17:8']"], world=1)
+    for preset in ("dit_xl2", "wan2_1_1_3b", "wan2_1_14b"):
+        cfg, recipe = load_run_config(str(ROOT / f"recipes/video_dit/configs/{preset}.yaml"), [], world=8)
+        assert "DiT parameters" in recipe.describe(cfg)
