@@ -53,19 +53,19 @@ class VideoVAEConfig:
         return 2 ** sum(self.temporal_down), space, space
 
 
-class ChannelRMSNorm(nn.Module):
-    """RMS norm over channels at each (t, h, w) position; never mixes frames, so it stays causal."""
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm over channel groups and space, separately for every frame: never mixes frames, so it stays
+    causal and chunking cannot change it. (A per-position RMS norm over channels alone trained far slower
+    here: one batch of the shapes dataset sat at ~18 dB PSNR after 150 steps, against ~23 dB with this.)"""
 
     def __init__(self, ch: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(ch, 1, 1, 1))
+        super().__init__(min(32, ch) if ch % min(32, ch) == 0 else 1, ch, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, T, H, W) -> same."""
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        b, _, t = x.shape[:3]
+        frames = rearrange(x, "b c t h w -> (b t) c h w")
+        return rearrange(super().forward(frames), "(b t) c h w -> b c t h w", b=b, t=t)
 
 
 class ResBlock(nn.Module):
@@ -73,8 +73,8 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int) -> None:
         super().__init__()
-        self.norm1, self.conv1 = ChannelRMSNorm(in_ch), CausalConv3d(in_ch, out_ch)
-        self.norm2, self.conv2 = ChannelRMSNorm(out_ch), CausalConv3d(out_ch, out_ch)
+        self.norm1, self.conv1 = FrameGroupNorm(in_ch), CausalConv3d(in_ch, out_ch)
+        self.norm2, self.conv2 = FrameGroupNorm(out_ch), CausalConv3d(out_ch, out_ch)
         self.skip = CausalConv3d(in_ch, out_ch, (1, 1, 1)) if in_ch != out_ch else None
 
     def forward(self, x: Tensor, fc: FeatureCache) -> Tensor:
@@ -144,7 +144,7 @@ class Encoder(nn.Module):
                 blocks.append(Downsample(ch, cfg.temporal_down[level]))
         blocks.append(ResBlock(ch, ch))  # middle
         self.blocks = nn.ModuleList(blocks)
-        self.norm_out = ChannelRMSNorm(ch)
+        self.norm_out = FrameGroupNorm(ch)
         self.conv_out = CausalConv3d(ch, 2 * cfg.latent_channels)
 
     def forward(self, x: Tensor, fc: FeatureCache) -> Tensor:
@@ -171,7 +171,7 @@ class Decoder(nn.Module):
             if level > 0:
                 blocks.append(Upsample(ch, cfg.temporal_down[level - 1]))
         self.blocks = nn.ModuleList(blocks)
-        self.norm_out = ChannelRMSNorm(ch)
+        self.norm_out = FrameGroupNorm(ch)
         self.conv_out = CausalConv3d(ch, cfg.in_channels)
 
     def forward(self, z: Tensor, fc: FeatureCache) -> Tensor:
