@@ -20,9 +20,9 @@ from framework.diffusion.masked import (
     random_length_crop,
     sample_mask_ratio,
 )
+from framework.nn.llada import LladaModel, LladaModelConfig, count_parameters, train_flops_per_token
 from framework.recipe import Built, Recipe
 from framework.rng import derive_seed
-from recipes.llada.model import LladaModel, LladaModelConfig, count_parameters, train_flops_per_token
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from framework.checkpoint import complete_checkpoints
 from framework.distributed import free_port
 from framework.export.safetensors_io import read
-from recipes.llada.model import LladaModel, LladaModelConfig
+from framework.nn.llada import LladaModel, LladaModelConfig
 from tests.runs import ROOT, env, train
 
 pytestmark = pytest.mark.dist

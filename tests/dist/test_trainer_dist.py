@@ -15,7 +15,7 @@ import torch
 from framework.checkpoint import complete_checkpoints, read_meta
 from framework.distributed import free_port
 from framework.export.safetensors_io import consolidated_state_dict
-from recipes.llada.model import LladaModelConfig, count_parameters
+from framework.nn.llada import LladaModelConfig, count_parameters
 from tests.runs import ROOT, SMALL, TINY, env, losses, train
 
 pytestmark = pytest.mark.dist

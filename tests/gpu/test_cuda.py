@@ -10,7 +10,7 @@ import torch
 
 from framework.diffusion.masked import forward_mask, masked_diffusion_loss, sample_mask_ratio
 from framework.nn import attention as attn
-from recipes.llada.model import LladaModel, LladaModelConfig
+from framework.nn.llada import LladaModel, LladaModelConfig
 from tests.runs import ROOT, SMALL, TINY, env, losses
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

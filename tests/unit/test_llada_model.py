@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from recipes.llada.model import LladaModel, LladaModelConfig, count_parameters, train_flops_per_token
+from framework.nn.llada import LladaModel, LladaModelConfig, count_parameters, train_flops_per_token
 
 TINY = LladaModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, ffn_hidden=48, max_seq_len=16)
 
@@ -102,7 +102,7 @@ def test_rope_tables_survive_bf16_cast():
     model = build().to(torch.bfloat16)
     ids = torch.randint(0, 64, (1, 16))
     assert torch.isfinite(model(ids).float()).all()
-    cos, _ = model._rope_tables(16)
+    cos, _ = model._rope_tables()
     assert cos.dtype == torch.float32
 
 
