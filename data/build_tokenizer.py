@@ -24,16 +24,23 @@ def _training_lines(docs: Iterable[str]) -> Iterator[str]:
                     yield line[start:start + MAX_CHARS]
 
 
-def train_tokenizer(docs: Iterable[str], prefix: str | Path, vocab_size: int = 2000,
-                    model_type: str = "unigram") -> dict[str, int]:
-    """Train on documents; write PREFIX.model, PREFIX.vocab, PREFIX.json and return the json's ids."""
+def train_tokenizer(docs: Iterable[str], prefix: str | Path, vocab_size: int = 2000, model_type: str = "unigram",
+                    split_digits: bool = False, byte_fallback: bool = True) -> dict[str, int]:
+    """Train on documents; write PREFIX.model, PREFIX.vocab, PREFIX.json and return the json's ids.
+
+    split_digits makes every digit its own piece (arithmetic then sees one token per digit, never "482").
+    byte_fallback=False drops the 256 byte pieces, so a vocabulary of ~100 is possible for small
+    synthetic alphabets; a character the training text never had then encodes as unk.
+    """
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=_training_lines(docs), model_writer=model, vocab_size=vocab_size,
             model_type=model_type, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-            user_defined_symbols=[MASK_PIECE], byte_fallback=True, hard_vocab_limit=False,
+            user_defined_symbols=[MASK_PIECE], byte_fallback=byte_fallback, hard_vocab_limit=False,
+            # Without byte pieces a character left out of the vocabulary could only be unk: keep them all.
+            split_digits=split_digits, character_coverage=0.9995 if byte_fallback else 1.0,
             # Keep newlines and repeated spaces: generated text should round-trip its layout.
             normalization_rule_name="nfkc", remove_extra_whitespaces=False,
             max_sentence_length=4 * MAX_CHARS, minloglevel=2,
@@ -57,9 +64,12 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=2000)
     ap.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
     ap.add_argument("--text-key", default="text", help="field holding the text in .jsonl records")
+    ap.add_argument("--split-digits", action="store_true", help="every digit is its own piece")
+    ap.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false",
+                    help="no byte pieces (allows a tiny vocabulary; unseen characters become unk)")
     args = ap.parse_args()
     meta = train_tokenizer(iter_documents(args.input, args.text_key), args.out, args.vocab_size,
-                           args.model_type)
+                           args.model_type, args.split_digits, args.byte_fallback)
     print(f"wrote {args.out}.model: {meta}")
 
 

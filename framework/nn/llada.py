@@ -70,6 +70,10 @@ class KVCache:
         return KVCache([k[:, :, index] for k in self.keys], [v[:, :, index] for v in self.values],
                        self.mask[:, index])
 
+    def rows(self, index: Tensor) -> KVCache:
+        """The cache of batch rows `index` (1-D long or bool over B)."""
+        return KVCache([k[index] for k in self.keys], [v[index] for v in self.values], self.mask[index])
+
     def extend(self, other: KVCache) -> KVCache:
         """This cache followed by `other` along the token axis."""
         return KVCache([torch.cat(p, dim=2) for p in zip(self.keys, other.keys)],
@@ -223,10 +227,15 @@ class LladaModel(nn.Module):
         positions: Tensor | None = None,
         past: KVCache | None = None,
         return_cache: bool = False,
+        logits_range: tuple[int, int] | None = None,
     ) -> Tensor | tuple[Tensor, KVCache]:
-        """input_ids: (B, L) -> logits (B, L, vocab) [and the KVCache of these tokens when return_cache]."""
+        """input_ids: (B, L) -> logits (B, L, vocab) [and the KVCache of these tokens when return_cache].
+
+        logits_range (lo, hi): only columns lo..hi-1 go through lm_head (a decoder reading one block
+        skips most of the (L, vocab) matmul, which dominates at a large vocabulary).
+        """
         hidden, cache = self.hidden_states(input_ids, key_padding_mask, doc_ids, positions=positions, past=past)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden if logits_range is None else hidden[:, logits_range[0]:logits_range[1]])
         return (logits, cache) if return_cache else logits
 
 

@@ -1,4 +1,4 @@
-"""LLaDA masked diffusion: mask ratios, forward masking, loss, ELBO and the parallel-unmasking sampler."""
+"""LLaDA masked diffusion: mask ratios, forward masking, loss, ELBO (decoders: test_masked_decode.py)."""
 
 import math
 
@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from framework.diffusion.masked import (
     elbo_bits_per_token,
     forward_mask,
-    generate,
     masked_diffusion_loss,
     num_transfer_tokens,
     random_length_crop,
@@ -121,126 +120,3 @@ def test_elbo_of_oracle_is_near_zero():
         return F.one_hot(ids, 16).float() * 50.0
 
     assert elbo_bits_per_token(oracle, ids, MASK, gen(10), num_samples=4).item() < 1e-6
-
-
-class TableModel:
-    """Deterministic toy denoiser: logits depend on position and the tokens seen; records its inputs."""
-
-    def __init__(self, vocab: int = 12, seed: int = 0) -> None:
-        g = gen(seed)
-        self.pos_table = torch.randn(64, vocab, generator=g)
-        self.tok_table = torch.randn(vocab, vocab, generator=g)
-        self.inputs: list[torch.Tensor] = []
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(x.clone())
-        context = self.tok_table[x].mean(dim=1, keepdim=True)  # every position sees all tokens
-        return 3.0 * (self.pos_table[: x.shape[1]] + context)
-
-
-def test_generate_one_token_per_step_and_no_mask_left():
-    model = TableModel()
-    prompt = torch.tensor([[5, 6, 7], [8, 9, 10]])
-    out = generate(model, prompt, gen_length=8, steps=8, block_length=8, mask_id=MASK)
-    assert out.shape == (2, 11) and torch.equal(out[:, :3], prompt)
-    assert len(model.inputs) == 8
-    masks_seen = [(x[:, 3:] == MASK).sum(dim=1).tolist() for x in model.inputs]
-    assert masks_seen == [[8 - s, 8 - s] for s in range(8)]
-    assert not (out == MASK).any()
-
-
-def test_generate_temperature_zero_is_deterministic():
-    prompt = torch.tensor([[5, 6, 7]])
-    a = generate(TableModel(), prompt, gen_length=8, steps=4, block_length=4, mask_id=MASK)
-    b = generate(TableModel(), prompt, gen_length=8, steps=4, block_length=4, mask_id=MASK)
-    assert torch.equal(a, b)
-    c = generate(
-        TableModel(), prompt, gen_length=8, steps=4, block_length=4, mask_id=MASK, temperature=1.0, gen=gen(1)
-    )
-    d = generate(
-        TableModel(), prompt, gen_length=8, steps=4, block_length=4, mask_id=MASK, temperature=1.0, gen=gen(1)
-    )
-    assert torch.equal(c, d)
-
-
-def test_generate_is_semi_autoregressive_over_blocks():
-    model = TableModel()
-    prompt = torch.tensor([[5, 6]])
-    generate(model, prompt, gen_length=12, steps=6, block_length=4, mask_id=MASK)
-    assert len(model.inputs) == 6
-    for call, x in enumerate(model.inputs):
-        block = call // 2
-        # blocks after the current one stay fully masked
-        assert (x[0, 2 + 4 * (block + 1) :] == MASK).all()
-        assert not (x[0, 2 : 2 + 4 * block] == MASK).any()
-
-
-def llada_reference_generate(model, prompt, steps, gen_length, block_length, temperature, mask_id):
-    """Transcription of LLaDA's generate.py (cfg_scale=0, low_confidence) as the oracle."""
-    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
-    x[:, : prompt.shape[1]] = prompt.clone()
-    num_blocks = gen_length // block_length
-    steps = steps // num_blocks
-    for num_block in range(num_blocks):
-        lo = prompt.shape[1] + num_block * block_length
-        block_mask_index = x[:, lo : lo + block_length] == mask_id
-        mask_num = block_mask_index.sum(dim=1, keepdim=True)
-        transfer = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + mask_num // steps
-        for i in range(mask_num.size(0)):
-            transfer[i, : mask_num[i] % steps] += 1
-        for i in range(steps):
-            mask_index = x == mask_id
-            logits = model(x)
-            if temperature > 0:
-                noisy = logits.to(torch.float64)
-                noise = torch.rand_like(noisy, dtype=torch.float64)
-                noisy = noisy.exp() / (-torch.log(noise)) ** temperature
-            else:
-                noisy = logits
-            x0 = torch.argmax(noisy, dim=-1)
-            p = F.softmax(logits, dim=-1)
-            x0_p = torch.gather(p, dim=-1, index=x0[..., None]).squeeze(-1)
-            x0_p[:, lo + block_length :] = -math.inf
-            x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index, x0_p, -math.inf)
-            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
-            for j in range(confidence.shape[0]):
-                _, select = torch.topk(confidence[j], k=int(transfer[j, i]))
-                transfer_index[j, select] = True
-            x[transfer_index] = x0[transfer_index]
-    return x
-
-
-@pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_generate_matches_llada_reference(temperature):
-    prompt = torch.tensor([[5, 6, 7], [1, 2, 0]])
-    torch.manual_seed(11)
-    ref = llada_reference_generate(TableModel(), prompt, 6, 12, 4, temperature, MASK)
-    torch.manual_seed(11)
-    ours = generate(
-        TableModel(), prompt, gen_length=12, steps=6, block_length=4, mask_id=MASK, temperature=temperature
-    )
-    assert torch.equal(ours, ref)
-
-
-def test_generate_stops_at_eos_and_pads_with_it():
-    eos, calls = 11, []
-
-    def eos_first(x):
-        calls.append(1)
-        logits = torch.zeros(*x.shape, 12)
-        logits[..., eos] = 5.0 - 0.1 * torch.arange(x.shape[1])  # earliest position most confident
-        return logits
-
-    out = generate(
-        eos_first, torch.tensor([[5, 6]]), gen_length=8, steps=8, block_length=8, mask_id=MASK, eos_id=eos
-    )
-    assert len(calls) == 1
-    assert (out[0, 2:] == eos).all()
-
-
-def test_generate_rejects_bad_block_split():
-    with pytest.raises(ValueError, match="block_length"):
-        generate(TableModel(), torch.tensor([[5]]), gen_length=10, steps=5, block_length=4, mask_id=MASK)
-    with pytest.raises(ValueError, match="num_blocks"):
-        generate(TableModel(), torch.tensor([[5]]), gen_length=8, steps=3, block_length=4, mask_id=MASK)
