@@ -34,6 +34,9 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU memory
     grad_clip: float = 1.0  # 0 disables clipping
     stop_after: int = 0  # stop (with a checkpoint) after this many steps of this invocation; 0 = run to the end
+    # Start a fresh run from these weights: a checkpoint or run dir, a safetensors export, or what the recipe
+    # adds (LLaDA: a Hugging Face folder). Ignored when resuming from the run's own checkpoint: resume wins.
+    init_from: str = ""
 
 
 @dataclass
@@ -252,6 +255,8 @@ def check_common(cfg: RunConfig, world: int) -> None:
             f"{t.micro_batch * world}")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
+    if t.init_from and not Path(t.init_from).exists():
+        raise ConfigError(f"train.init_from: {t.init_from} does not exist")
     if t.offload_optimizer and t.zero_stage == 0:
         raise ConfigError("train.offload_optimizer needs train.zero_stage >= 1")
     if not 0.0 <= cfg.ema.decay < 1.0:

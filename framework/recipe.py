@@ -73,13 +73,22 @@ class Recipe:
         """Runs on every rank; rank 0 writes the samples and returns their paths (text, files)."""
         return []
 
-    def export(self, state_dict: dict, cfg: RunConfig, fmt: str, out_dir: str) -> None:
-        """Formats beyond plain safetensors (`hf`, `diffusers`)."""
-        raise ConfigError(f"recipe '{self.name}' cannot export format '{fmt}'")
+    def export(self, state_dict: dict, cfg: RunConfig, fmt: str, out_dir: str, source: dict | None = None) -> list[str]:
+        """Formats beyond plain safetensors (`hf`, `diffusers`); `source` is (recipe, step, ema) to record.
+        Returns the paths written; an unknown format is a ConfigError listing the valid ones."""
+        raise ConfigError(f"--format {fmt}: recipe '{self.name}' exports only 'safetensors'")
 
     def export_assets(self, cfg: RunConfig, out_dir: str) -> list[str]:
         """Copy what loading the weights needs besides them (tokenizer files); returns the paths."""
         return []
+
+    def initial_weights(self, cfg: RunConfig, path: str) -> dict[str, torch.Tensor]:
+        """Full weights for `train.init_from=PATH` (a fresh run only; resuming wins): by default a checkpoint or
+        run dir of ours, or a safetensors export, of the same recipe and model config (ConfigError naming the
+        differing keys otherwise). Recipes override it to read more formats (LLaDA: a Hugging Face folder)."""
+        from framework.init_from import read_ours
+
+        return read_ours(path, cfg)
 
 
 # Recipes register lazily so that importing the framework never imports every model family.

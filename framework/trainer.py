@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import yaml
 
-from framework import checkpoint
+from framework import checkpoint, init_from
 from framework import distributed as dist
 from framework import engine as engine_lib
 from framework.config import RunConfig, to_dict
@@ -70,6 +70,8 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
     seed_everything(cfg.train.seed)
     with engine_lib.model_init_context(ds_config):
         built = recipe.build_model(cfg)
+    # train.init_from starts a fresh run from other weights; a run resuming from its own checkpoint ignores it.
+    started = init_from.load(recipe, cfg, built.model) if cfg.train.init_from and ckpt is None else ""
     compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     helpers = freeze(recipe.build_helpers(cfg), device, compute_dtype)
     engine = engine_lib.initialize(built.model, cfg, ds_config)
@@ -91,7 +93,9 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
     summary = recipe.describe(cfg)
     logger.write(f"[{recipe.name}] {summary} | world {world}, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, "
                  f"micro {cfg.train.micro_batch} x accum {accum} x world {world} = {cfg.train.global_batch}"
-                 + (f" | resumed from {ckpt} at step {step}" if ckpt else ""))
+                 + (f" | resumed from {ckpt} at step {step}" if ckpt else "") + (f" | {started}" if started else "")
+                 + (f" (train.init_from={cfg.train.init_from} ignored: resume wins)" if ckpt and cfg.train.init_from
+                    else ""))
 
     preempt = PreemptionSignal()
     peak = peak_tflops(cfg.log.peak_tflops)

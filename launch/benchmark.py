@@ -4,6 +4,7 @@
 
     python launch/benchmark.py video-loader --data DIR [--workers N] [--batches B] [--uint8]
     python launch/benchmark.py latent-cache --latents DIR [--steps S] [--repeats R] [key=value ...]
+    python launch/benchmark.py decode --masked RUN --ar RUN [--prompts N] [--gen-length 256] [--threshold T]
 
 trainer-overhead: seconds per optimizer step of our trainer (launch/train.py: LR schedule, per-step
 generators, metric all-reduce, EMA, JSONL, progress bar) divided by a bare DeepSpeed loop over the same
@@ -15,6 +16,10 @@ same worker count (launch/bench_video_loader.py). Target: >= 0.8.
 
 latent-cache: seconds per step of the tiny video DiT trained from the latent cache vs encoding every batch
 with the VAE online, both through launch/train.py, alternating.
+
+decode: tokens/s and exact-match accuracy of the LLaDA reference decoder (one token per step), threshold
+decoding, threshold + KV cache, and the AR twin, on the same task prompts (launch/bench_decode.py).
+Target: threshold + cache >= 5x the reference at <= 1 point accuracy loss.
 """
 
 from __future__ import annotations
@@ -210,6 +215,9 @@ def main() -> None:
     d.add_argument("--warmup", type=int, default=3)
     d.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     d.add_argument("overrides", nargs="*")
+    from bench_decode import add_arguments as decode_arguments
+
+    decode_arguments(sub.add_parser("decode", help="masked-diffusion decoders and the AR twin: tokens/s, accuracy"))
     b = sub.add_parser("_bare-loop", help=argparse.SUPPRESS)
     b.add_argument("--preset", required=True)
     b.add_argument("--steps", type=int, required=True)
@@ -224,6 +232,10 @@ def main() -> None:
         dit_throughput(args)
     elif args.name == "latent-cache":
         latent_cache(args)
+    elif args.name == "decode":
+        from bench_decode import main as decode_main
+
+        decode_main(args)
     elif args.name == "video-loader":
         from bench_video_loader import default_buckets, run
 

@@ -132,3 +132,76 @@ def add_gumbel_noise(logits: Tensor, temperature: float, gen: torch.Generator | 
     logits = logits.to(torch.float64)
     u = torch.rand(logits.shape, dtype=torch.float64, generator=gen, device=logits.device)
     return logits.exp() / (-torch.log(u)) ** temperature
+
+
+def masked_sft_loss(
+    logits: Tensor,
+    targets: Tensor,
+    masked: Tensor,
+    p_mask: Tensor,
+    supervised: Tensor,
+    normalize: str = "answer_length",
+) -> Tensor:
+    """SFT loss over the answer: sum_{masked & supervised} CE / p_mask[row], normalised () float32.
+
+    logits (B, L, V); targets, masked, supervised (B, L); p_mask (B,).
+    normalize "answer_length" (LLaDA): each row's sum divided by its supervised length, mean over rows,
+    so long and short answers weigh the same; "token" (SMDM): the batch sum divided by all supervised
+    tokens, so every answer token weighs the same.
+    """
+    if normalize not in ("answer_length", "token"):
+        raise ValueError(f"normalize={normalize!r}; valid: 'answer_length', 'token'")
+    picked = masked & supervised.to(torch.bool)
+    ce = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    ce[picked] = F.cross_entropy(logits[picked].float(), targets[picked], reduction="none")
+    weighted = ce / p_mask.float()[:, None]
+    lengths = supervised.sum(dim=1).clamp(min=1).float()
+    if normalize == "answer_length":
+        return (weighted.sum(dim=1) / lengths).mean()
+    return weighted.sum() / lengths.sum()
+
+
+@torch.no_grad()
+def conditional_elbo(
+    model_fn: ModelFn,
+    input_ids: Tensor,
+    answer: Tensor,
+    mask_id: int,
+    gen: torch.Generator,
+    num_samples: int,
+) -> tuple[Tensor, Tensor]:
+    """Monte Carlo upper bound on -log p(answer | prompt) in nats, with stratified mask counts.
+
+    input_ids (B, L); answer (B, L) bool marks each row's answer positions (the rest is the prompt,
+    never masked). LLaDA's likelihood estimator: draw a mask count l in {1..A} (A = answer length),
+    mask l answer positions uniformly, and score A / l * sum_{masked} -log p(x_i | x_masked); its mean
+    over l ~ U{1..A} is the ELBO. Stratified: sample j draws u_j in [j/n, (j+1)/n) and l = floor(u_j A) + 1,
+    so n samples cover the mask counts evenly and each stratum carries equal probability: the mean stays
+    unbiased and the variance drops.
+    Returns (estimate (B,), standard error (B,)) - the error is the sample std / sqrt(n), conservative
+    for a stratified design.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    answer = answer.to(torch.bool)
+    lengths = answer.sum(dim=1)
+    if bool((lengths == 0).any()):
+        raise ValueError("every row needs at least one answer position")
+    batch = input_ids.shape[0]
+    scores = []
+    for j in range(num_samples):
+        u = (j + torch.rand(batch, generator=gen, device=gen.device)) / num_samples
+        count = (u.to(lengths.device) * lengths).floor().long().clamp(max=lengths - 1) + 1
+        # A random order of each row's answer positions; the first `count` of them are masked.
+        keys = torch.rand(input_ids.shape, generator=gen, device=gen.device).to(input_ids.device)
+        keys = torch.where(answer, keys, 2.0)
+        rank = keys.argsort(dim=1).argsort(dim=1)
+        masked = answer & (rank < count[:, None])
+        noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
+        logits = model_fn(noisy)
+        ce = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+        ce[masked] = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")
+        scores.append(ce.sum(dim=1) * lengths.float() / count.float())
+    stacked = torch.stack(scores)
+    stderr = stacked.std(dim=0) / math.sqrt(num_samples) if num_samples > 1 else torch.full_like(stacked[0], math.inf)
+    return stacked.mean(dim=0), stderr

@@ -1,33 +1,37 @@
-"""LLaDA-style masked diffusion language model: the recipe glue between model, data and trainer."""
+"""LLaDA-style masked diffusion language model: the recipe glue between model, data and trainer.
+
+One recipe, four runs: masked-diffusion pretraining (data.kind=pretrain) or SFT (data.kind=sft), and
+for each its autoregressive twin (model.causal=true, objective.name=autoregressive): the same
+architecture, data, trainer and compute with a causal mask and next-token loss, for fair comparisons.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from framework import distributed as dist
 from framework.config import ConfigError, RunConfig
+from framework.data.sft import SFTStream
 from framework.data.text import PackedTextStream
-from framework.diffusion.masked import (
-    elbo_bits_per_token,
-    forward_mask,
-    generate,
-    masked_diffusion_loss,
-    random_length_crop,
-    sample_mask_ratio,
-)
+from framework.diffusion.masked import conditional_elbo, elbo_bits_per_token
 from framework.nn.llada import LladaModel, LladaModelConfig, count_parameters, train_flops_per_token
 from framework.recipe import Built, Recipe
 from framework.rng import derive_seed
+from recipes.llada import objectives
+from recipes.llada.decoding import SampleConfig, decode_config, detokenize, generate_answers
 
 
 @dataclass
 class TextDataConfig:
-    dir: str = "datasets/text"  # made by data/prepare_text.py: train/, val/, tokenizer.model, tokenizer.json
+    dir: str = "datasets/text"  # made by data/prepare_text.py (pretrain) or data/make_tasks.py (sft)
+    kind: Literal["pretrain", "sft"] = "pretrain"  # packed token shards, or (prompt, response) SFT shards
     seq_len: int = 128
     doc_attention: bool = False  # attend only within a document (block-diagonal) instead of the whole pack
     max_skip_fraction: float = 0.1  # corrupt shards tolerated before the run stops
@@ -35,19 +39,18 @@ class TextDataConfig:
 
 @dataclass
 class MaskedObjectiveConfig:
+    name: Literal["masked", "autoregressive"] = "masked"  # autoregressive needs model.causal=true
     eps: float = 1e-3  # p_mask = (1 - eps) t + eps, so no row is left entirely unmasked
     antithetic: bool = False  # stratify t over the batch (lower-variance loss)
-    random_length_prob: float = 0.01  # fraction of rows cropped to a random length (LLaDA: 1%)
+    random_length_prob: float = 0.01  # fraction of rows cropped to a random length (LLaDA: 1%; pretraining)
     elbo_samples: int = 8  # Monte Carlo samples per sequence of the held-out ELBO
 
 
 @dataclass
-class SampleConfig:
-    prompts: list[str] = field(default_factory=lambda: ["The government said", "In Sydney, police"])
-    gen_length: int = 32
-    steps: int = 32
-    block_length: int = 16
-    temperature: float = 0.0
+class SFTConfig:
+    supervise_padding: bool = True  # LLaDA: the EOS padding after an answer is supervised too
+    normalize: Literal["answer_length", "token"] = "answer_length"  # per sample (LLaDA) or per token (SMDM)
+    prompt_dropout: float = 0.0  # rows whose prompt is masked out: the unconditional model for CFG
 
 
 @dataclass
@@ -56,6 +59,7 @@ class LladaConfig(RunConfig):
     model: LladaModelConfig = field(default_factory=LladaModelConfig)
     data: TextDataConfig = field(default_factory=TextDataConfig)
     objective: MaskedObjectiveConfig = field(default_factory=MaskedObjectiveConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
@@ -63,7 +67,7 @@ def tokenizer_info(data_dir: str) -> dict:
     path = Path(data_dir) / "tokenizer.json"
     if not path.is_file():
         raise ConfigError(f"data.dir: no tokenizer at {path}; build the dataset first, e.g. "
-                          f"`python data/prepare_text.py --out {data_dir}`")
+                          f"`python data/prepare_text.py --out {data_dir}` or `python data/make_tasks.py --out {data_dir}`")
     return json.loads(path.read_text())
 
 
@@ -80,10 +84,18 @@ class LladaRecipe(Recipe):
             raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
         if not 0 <= m.mask_id < m.vocab_size:
             raise ConfigError(f"model.mask_id={m.mask_id} is outside the vocabulary (model.vocab_size={m.vocab_size})")
-        s = cfg.sample
-        if s.gen_length % s.block_length or s.steps % (s.gen_length // s.block_length):
-            raise ConfigError(f"sample.gen_length ({s.gen_length}) must be a multiple of sample.block_length "
-                              f"({s.block_length}) and sample.steps ({s.steps}) a multiple of the block count")
+        if (cfg.objective.name == "autoregressive") != m.causal:
+            raise ConfigError(f"objective.name={cfg.objective.name} needs model.causal="
+                              f"{str(cfg.objective.name == 'autoregressive').lower()} (the AR twin is causal, "
+                              "the masked diffusion model bidirectional)")
+        if not 0.0 <= cfg.sft.prompt_dropout < 1.0:
+            raise ConfigError(f"sft.prompt_dropout={cfg.sft.prompt_dropout} must lie in [0, 1)")
+        if cfg.sample.batch_size < 1:
+            raise ConfigError(f"sample.batch_size={cfg.sample.batch_size} must be >= 1")
+        try:
+            decode_config(cfg.sample)
+        except ValueError as e:
+            raise ConfigError(f"sample.*: {e}") from None
 
     def check_tokenizer(self, cfg: LladaConfig) -> dict:
         info = tokenizer_info(cfg.data.dir)
@@ -98,7 +110,8 @@ class LladaRecipe(Recipe):
     def describe(self, cfg: LladaConfig) -> str:
         n = count_parameters(cfg.model)
         f = train_flops_per_token(cfg.model, cfg.data.seq_len)
-        return f"{n / 1e6:.2f}M parameters, {f / 1e9:.3f} GFLOPs per training token"
+        kind = "autoregressive twin" if cfg.model.causal else "masked diffusion"
+        return f"{n / 1e6:.2f}M parameters ({kind}, {cfg.data.kind}), {f / 1e9:.3f} GFLOPs per training token"
 
     def build_model(self, cfg: LladaConfig) -> Built:
         return Built(model=LladaModel(cfg.model))
@@ -109,47 +122,73 @@ class LladaRecipe(Recipe):
             self._stream(cfg, "val", rank, world, 1)  # a held-out set too small fails now, not after training
         return self._stream(cfg, split, rank, world, batch_multiple)
 
-    def _stream(self, cfg: LladaConfig, split: str, rank: int, world: int, batch_multiple: int) -> PackedTextStream:
+    def _stream(self, cfg: LladaConfig, split: str, rank: int, world: int, batch_multiple: int):
         micro = (cfg.eval.micro_batch or cfg.train.micro_batch) if split == "val" else cfg.train.micro_batch
+        stream_class = SFTStream if cfg.data.kind == "sft" else PackedTextStream
         try:
-            return PackedTextStream(str(Path(cfg.data.dir) / split), seq_len=cfg.data.seq_len, micro_batch=micro,
-                                    rank=rank, world=world, seed=cfg.train.seed, batch_multiple=batch_multiple,
-                                    max_skip_fraction=cfg.data.max_skip_fraction)
+            return stream_class(str(Path(cfg.data.dir) / split), seq_len=cfg.data.seq_len, micro_batch=micro,
+                                rank=rank, world=world, seed=cfg.train.seed, batch_multiple=batch_multiple,
+                                max_skip_fraction=cfg.data.max_skip_fraction)
         except (FileNotFoundError, ValueError) as e:
             key = "eval.micro_batch" if split == "val" else "train.micro_batch"
-            raise ConfigError(f"data.dir ({split} split) / data.seq_len / {key}: {e}") from e
-
-    def _forward(self, model, cfg: LladaConfig, ids, keep, doc_ids):
-        return model(ids, key_padding_mask=keep, doc_ids=doc_ids if cfg.data.doc_attention else None)
+            raise ConfigError(f"data.dir ({split} split) / data.kind / data.seq_len / {key}: {e}") from e
 
     def loss(self, cfg: LladaConfig, model, helpers, batch, gen):
-        ids = batch["input_ids"]
-        b, length = ids.shape
-        o = cfg.objective
-        p_mask = sample_mask_ratio(b, gen, eps=o.eps, antithetic=o.antithetic).to(ids.device)
-        keep = random_length_crop(b, length, gen, prob=o.random_length_prob).to(ids.device)
-        noisy, masked = forward_mask(ids, p_mask, cfg.model.mask_id, gen, maskable=keep)
-        cropped = not bool(keep.all())
-        logits = self._forward(model, cfg, noisy, keep if cropped else None, batch.get("doc_ids"))
-        loss = masked_diffusion_loss(logits, ids, masked, p_mask, loss_mask=keep)
-        return loss, {"mask_rate": masked.float().mean()}
+        if cfg.objective.name == "autoregressive":
+            return objectives.autoregressive(cfg, model, batch, gen)
+        if cfg.data.kind == "sft":
+            return objectives.masked_sft(cfg, model, batch, gen)
+        return objectives.masked_pretrain(cfg, model, batch, gen)
 
     def work(self, cfg: LladaConfig, batch: dict) -> tuple[float, float]:
         tokens = batch["input_ids"].numel()
         return float(tokens), tokens * train_flops_per_token(cfg.model, cfg.data.seq_len)
 
     def evaluate(self, model, helpers, cfg: LladaConfig, rank: int, world: int, step: int) -> dict:
-        """Held-out Monte Carlo ELBO in bits per token; every rank scores its own val shards."""
+        """Held-out likelihood on every rank's own val shards (masked: Monte Carlo ELBO, an upper bound;
+        AR: the exact NLL), in bits per token (SFT: per supervised answer token); SFT also decodes
+        eval.samples val prompts and reports their exact-match accuracy."""
         stream = self._stream(cfg, "val", rank, world, 1)
         batches = min(cfg.eval.batches, len(stream))
         gen = torch.Generator(device=dist.device()).manual_seed(derive_seed(cfg.train.seed, step, rank, 1 << 20))
-        total = 0.0
+        total, held_out = 0.0, []
         for _, batch in zip(range(batches), stream):
-            ids = batch["input_ids"].to(dist.device())
-            total += float(elbo_bits_per_token(lambda x: model(x), ids, cfg.model.mask_id, gen,
-                                               cfg.objective.elbo_samples))
+            batch = {k: v.to(dist.device()) for k, v in batch.items()}
+            total += self._bits_per_token(model, cfg, batch, gen)
+            held_out.append(batch)
         (bits,) = dist.all_reduce([total / max(1, batches)], op="mean")
-        return {"elbo_bits_per_token": bits}
+        metrics = {"nll_bits_per_token" if cfg.model.causal else "elbo_bits_per_token": bits}
+        if cfg.data.kind == "sft" and cfg.eval.samples > 0:
+            metrics["exact_match"] = self._exact_match(model, cfg, held_out, world, gen)
+        return metrics
+
+    def _bits_per_token(self, model, cfg: LladaConfig, batch: dict, gen: torch.Generator) -> float:
+        ids = batch["input_ids"]
+        if cfg.model.causal:
+            loss, _ = objectives.autoregressive(cfg, model, batch, gen)
+            return float(loss) / math.log(2.0)
+        if cfg.data.kind != "sft":
+            return float(elbo_bits_per_token(lambda x: model(x), ids, cfg.model.mask_id, gen,
+                                             cfg.objective.elbo_samples))
+        answer = objectives.sft_regions(batch, cfg.sft.supervise_padding)[1]
+        nats, _ = conditional_elbo(lambda x: model(x), ids, answer, cfg.model.mask_id, gen, cfg.objective.elbo_samples)
+        return float(nats.sum() / answer.sum()) / math.log(2.0)
+
+    def _exact_match(self, model, cfg: LladaConfig, batches: list[dict], world: int, gen) -> float:
+        """Fraction of this rank's first eval.samples // world held-out prompts answered exactly, over ranks."""
+        prompts, references = [], []
+        for batch in batches:
+            for ids, p, a in zip(batch["input_ids"].tolist(), batch["prompt_len"].tolist(), batch["answer_len"].tolist()):
+                prompts.append(ids[:p])
+                references.append(ids[p:p + a - 1])
+        share = max(1, cfg.eval.samples // world)
+        prompts, references = prompts[:share], references[:share]
+        info = tokenizer_info(cfg.data.dir)
+        answers, _ = generate_answers(model, cfg, prompts, eos_id=info["eos_id"], pad_id=info["pad_id"],
+                                      device=dist.device(), lockstep=cfg.train.zero_stage == 3, gen=gen)
+        right, count = dist.all_reduce([float(sum(a == r for a, r in zip(answers, references))),
+                                        float(len(references))], op="sum")
+        return right / max(count, 1.0)
 
     def sample(self, model, helpers, cfg: LladaConfig, rank: int, world: int, step: int, out_dir: str) -> list[str]:
         """Each rank decodes its share of the prompts (same number of forwards everywhere, for ZeRO-3)."""
@@ -157,13 +196,11 @@ class LladaRecipe(Recipe):
 
         sp = spm.SentencePieceProcessor(model_file=str(Path(cfg.data.dir) / "tokenizer.model"))
         prompts = cfg.sample.prompts[: max(cfg.eval.samples, 0)]
-        texts = []
-        for prompt in dist.split_work(prompts, rank, world):
-            ids = torch.tensor([sp.encode(prompt)], device=dist.device())
-            s = cfg.sample
-            out = generate(lambda x: model(x), ids, gen_length=s.gen_length, steps=s.steps,
-                           block_length=s.block_length, mask_id=cfg.model.mask_id, temperature=s.temperature)
-            texts.append(prompt + " ->" + sp.decode(_until_eos(out[0, ids.shape[1]:].tolist(), sp.eos_id())))
+        mine = dist.split_work(prompts, rank, world)
+        answers, _ = generate_answers(model, cfg, [sp.encode(p) for p in mine], eos_id=sp.eos_id(),
+                                      pad_id=max(sp.pad_id(), 0), device=dist.device(),
+                                      lockstep=cfg.train.zero_stage == 3)
+        texts = [p + " ->" + detokenize(sp, a) for p, a in zip(mine, answers)]
         lines = dist.gather_work(texts, len(prompts), world)
         if rank == 0 and lines:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -179,6 +216,29 @@ class LladaRecipe(Recipe):
                 copied.append(str(Path(out_dir) / name))
         return copied
 
+    def export(self, state_dict: dict, cfg: LladaConfig, fmt: str, out_dir: str, source: dict | None = None) -> list[str]:
+        """`--format hf`: a folder transformers loads after `import framework` (framework/export/hf_io.py),
+        with a tokenizer converted from data.dir's sentencepiece model."""
+        if fmt != "hf":
+            raise ConfigError(f"--format {fmt}: the llada recipe exports 'safetensors' or 'hf'")
+        from framework.export import hf_io
 
-def _until_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[: ids.index(eos)] if eos in ids else ids
+        tokenizer = Path(cfg.data.dir) / "tokenizer.model"
+        if not tokenizer.is_file():
+            print(f"warning: {tokenizer} not found: the export has no tokenizer", flush=True)
+        return hf_io.write(state_dict, cfg.model, out_dir, tokenizer if tokenizer.is_file() else None, source)
+
+    def initial_weights(self, cfg: LladaConfig, path: str) -> dict:
+        """Also a Hugging Face folder (`--format hf`, or one transformers saved after fine-tuning). init_std and
+        max_seq_len may differ from the source: they shape no weight (RoPE tables are recomputed)."""
+        from framework.config import to_dict
+        from framework.export import hf_io
+        from framework.init_from import check_model_config, read_ours
+
+        free = ("init_std", "max_seq_len")
+        if not hf_io.is_hf_folder(path):
+            return read_ours(path, cfg, ignore=free)
+        _, raw = hf_io.read_config(path)
+        check_model_config(to_dict(cfg.model), raw, Path(path) / "config.json", ignore=free)
+        return hf_io.read(path)[0]
+

@@ -1,0 +1,118 @@
+"""`train.init_from=PATH`: start a fresh run from weights made elsewhere (a checkpoint, a run, an export).
+
+Only a fresh run is initialised this way. When the run resumes from a checkpoint of its own (`resume=auto`
+after a preemption), the checkpoint wins, so a requeued job never falls back to the initial weights.
+
+The weights go into the freshly built model before DeepSpeed wraps it, so the optimizer's fp32 master copy
+starts from them (under bf16 from their bf16 rounding, as for any bf16 engine). Under ZeRO-3 the model is
+already partitioned: rank 0 alone reads the file and each parameter is gathered, overwritten on rank 0 and
+re-partitioned (`GatheredParameters(modifier_rank=0)`), so no rank ever holds two full copies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from framework import checkpoint
+from framework import distributed as dist
+from framework.config import ConfigError, RunConfig, to_dict
+
+
+def check_model_config(run: dict, found: dict, source: str | Path, ignore: tuple[str, ...] = ()) -> None:
+    """ConfigError naming every `model.*` key whose value differs between the run and the source.
+
+    Keys missing on either side are not compared (strict key and shape checks of the weights follow)."""
+    diffs = [f"model.{k}: {run[k]} in the run config but {found[k]} in {source}"
+             for k in run if k in found and k not in ignore and found[k] != run[k]]
+    if diffs:
+        raise ConfigError("train.init_from: the model config differs: " + "; ".join(diffs))
+
+
+def read_ours(path: str, cfg: RunConfig, ignore: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Weights of a checkpoint dir, a run dir (its newest complete checkpoint) or a safetensors export folder,
+    after checking the recipe and the model config (keys in `ignore` may differ)."""
+    from framework.export import safetensors_io
+
+    p = Path(path)
+    export = (p / "model.safetensors").is_file() and (p / "config.json").is_file()
+    if export:
+        state, config = safetensors_io.read(p)
+        source, recipe, model = p / "config.json", config.get("recipe"), config.get("model")
+    else:
+        try:
+            ckpt = checkpoint.resolve(str(p), "")
+        except FileNotFoundError as e:
+            raise ConfigError(f"train.init_from: {path} is not a checkpoint, a run directory or an export folder "
+                              f"({e})") from None
+        meta = checkpoint.read_meta(ckpt)
+        source, recipe, model = ckpt / "meta.json", meta.get("recipe"), meta["config"].get("model")
+    if recipe != cfg.recipe:
+        raise ConfigError(f"train.init_from: {source} holds a {recipe or 'non-framework'} model, not one of recipe "
+                          f"'{cfg.recipe}'")
+    check_model_config(to_dict(cfg).get("model") or {}, model or {}, source, ignore)
+    return state if export else safetensors_io.consolidated_state_dict(ckpt)
+
+
+def load(recipe: Any, cfg: RunConfig, model: torch.nn.Module) -> str:
+    """Collective, on every rank: copy `recipe.initial_weights(cfg, cfg.train.init_from)` into the freshly
+    built `model`. A failure on any rank is raised on every rank (as ConfigError, so the launcher exits 2).
+    Returns a line for the log."""
+    path, zero3 = cfg.train.init_from, cfg.train.zero_stage == 3
+    state, error = None, None
+    if not zero3 or dist.is_main():
+        try:
+            state = _fill_tied(model, recipe.initial_weights(cfg, path))
+            _check_keys(model, state, path)
+        except ConfigError as e:
+            error = str(e)
+        except Exception as e:  # unreadable files: the value of train.init_from is still what to fix
+            error = f"train.init_from: reading {path} failed: {type(e).__name__}: {e}"
+    errors = [error]
+    if dist.world() > 1:
+        errors = [None] * dist.world()
+        torch.distributed.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise ConfigError(first)
+
+    if zero3:
+        import deepspeed
+
+        for name, param in model.named_parameters():  # one gathered parameter at a time
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if dist.is_main():
+                    param.data.copy_(state[name])
+    else:
+        model.load_state_dict(state, strict=True)
+    if state is None:
+        return ""
+    params = dict(model.named_parameters())  # tied weights once
+    n = sum(t.numel() for name, t in state.items() if name in params)
+    return f"initialised from {path} ({len(params)} tensors, {n / 1e6:.2f}M parameters)"
+
+
+def _fill_tied(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A tied weight stored once (EMA exports, HF folders) also goes under the model's other names for it."""
+    first: dict[int, str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        source = first.setdefault(id(t), name)
+        if name not in state and source in state:
+            state[name] = state[source]
+    return state
+
+
+def _check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Same names and shapes as the model's state dict (ZeRO-3 partitions report their full `ds_shape`)."""
+    expected = {name: tuple(getattr(t, "ds_shape", t.shape)) for name, t in model.state_dict(keep_vars=True).items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in expected
+              if k in state and tuple(state[k].shape) != expected[k]]
+    problems = [f"{what}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+                for what, items in (("missing", missing), ("unexpected", unexpected),
+                                    ("shape (file vs model)", shapes)) if items]
+    if problems:
+        raise ConfigError(f"train.init_from: the weights in {path} do not fit the model: " + "; ".join(problems))

@@ -1,0 +1,67 @@
+"""Decoding for the LLaDA recipe: its sample config -> the framework's decoders, in batches of prompts.
+
+A masked-diffusion model decodes with framework.diffusion.masked_decode.decode (reference, threshold,
+cache); the AR twin (model.causal) with its KV cache. Under ZeRO-3 every forward gathers parameters
+collectively, so all ranks must run the same number of forwards: `lockstep` turns off what makes that
+number data-dependent (stopping at EOS, threshold decoding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from framework.data.sft import left_pad_prompts
+from framework.diffusion.masked_decode import DecodeConfig, decode, decode_autoregressive
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = field(default_factory=lambda: ["The government said", "In Sydney, police"])
+    gen_length: int = 32
+    block_length: int = 16
+    steps: int = 32  # reference decoder: total steps (= gen_length: one token per step)
+    threshold: float = 0.0  # > 0: commit every token at least this confident (Fast-dLLM), steps unused
+    cache: Literal["none", "prefix", "dual"] = "none"  # approximate KV cache refreshed at block boundaries
+    refresh_every: int = 0  # also refresh the cache every this many steps inside a block (0: never)
+    remasking: Literal["low_confidence", "random"] = "low_confidence"
+    temperature: float = 0.0
+    cfg_scale: float = 0.0  # classifier-free guidance (train with sft.prompt_dropout > 0)
+    batch_size: int = 32  # prompts decoded together (left-padded)
+
+
+def decode_config(s: SampleConfig, lockstep: bool = False) -> DecodeConfig:
+    """The framework decoder's settings; ValueError (naming the field) when they do not fit together."""
+    return DecodeConfig(gen_length=s.gen_length, block_length=s.block_length, steps=s.steps,
+                        threshold=0.0 if lockstep else s.threshold, cache=s.cache, refresh_every=s.refresh_every,
+                        remasking=s.remasking, temperature=s.temperature, cfg_scale=s.cfg_scale)
+
+
+def generate_answers(model, cfg, prompts: list[list[int]], *, eos_id: int, pad_id: int, device: torch.device,
+                     lockstep: bool = False, gen: torch.Generator | None = None) -> tuple[list[list[int]], int]:
+    """Answers (token ids up to, excluding, the first EOS) for prompts, and the number of forwards."""
+    s = cfg.sample
+    answers: list[list[int]] = []
+    forwards = 0
+    stop = None if lockstep else eos_id
+    for lo in range(0, len(prompts), s.batch_size):
+        ids, mask = left_pad_prompts(prompts[lo:lo + s.batch_size], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        if cfg.model.causal:
+            out = decode_autoregressive(model, ids, mask, s.gen_length, eos_id=stop, temperature=s.temperature,
+                                        gen=gen)
+        else:
+            out = decode(model, ids, mask, decode_config(s, lockstep), mask_id=cfg.model.mask_id, eos_id=stop,
+                         gen=gen)
+        forwards += out.forwards
+        for row in out.tokens.tolist():
+            answers.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return answers, forwards
+
+
+def detokenize(sp, ids: list[int]) -> str:
+    """Text of ids; ids past the tokenizer (the model's vocabulary is rounded up) read as <unk>."""
+    size = sp.get_piece_size()
+    return sp.decode([i if 0 <= i < size else sp.unk_id() for i in ids])
