@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of this project in one short script, for a lent GPU machine with no network:
 #   here:  bash ../shared/offline-wheels.sh .whl && python data/prepare_text.py --out datasets/text
-#   there: bash tests/gpu/device_checks.sh [tests] [llada] [dit]  (.whl and datasets/text carried; results in $OUT)
+#   there: bash tests/gpu/device_checks.sh [tests] [llada] [dit] [decode]  (.whl and datasets/text carried; results in $OUT)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
-SECTIONS=${*:-tests llada dit}
+SECTIONS=${*:-tests llada dit decode}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled
@@ -42,4 +42,11 @@ if [[ $SECTIONS == *dit* ]]; then
     timeout 200 python3 launch/benchmark.py dit-throughput --preset recipes/video_dit/configs/$1.yaml --latent $2 \
       --steps 8 --warmup 3 2>&1 | grep -E "dit-throughput|Error|error" | tail -n 3 | tee -a "$OUT/dit.txt"
   done
+fi
+
+if [[ $SECTIONS == *decode* ]]; then
+  echo "== masked-diffusion decoders vs the AR twin, llada 1b shape, random weights, bf16, gen 256"
+  timeout 240 python3 launch/benchmark.py decode --random-shape recipes/llada/configs/1b.yaml --device cuda --bf16 \
+    --prompts 32 --batch-size 32 --out "$OUT/decode_1b.json" 2>&1 | grep -v -E "WARN|Warning" | tail -n 8 \
+    | tee "$OUT/decode_1b.txt"
 fi
