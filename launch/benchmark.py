@@ -148,9 +148,11 @@ def dit_throughput(args: argparse.Namespace) -> None:
 
     dist.prepare_env()
     dist.init()
-    overrides = [*args.overrides, "text.encoder=bytes", "train.micro_batch=1", f"train.global_batch={dist.world()}"]
-    cfg, recipe = load_run_config(args.preset, overrides, dist.world())
     t, h, w = (int(v) for v in args.latent.split("x"))
+    bucket = f"{8 * h}x{8 * w}x{4 * (t - 1) + 1}:1"  # the video the latent encodes, one per micro-batch
+    overrides = [*args.overrides, "text.encoder=bytes", "train.micro_batch=1", f"train.global_batch={dist.world()}",
+                 f"data.buckets=['{bucket}']"]
+    cfg, recipe = load_run_config(args.preset, overrides, dist.world())
     ds_config = engine_lib.deepspeed_config(cfg, dist.world())
     with engine_lib.model_init_context(ds_config):
         model = recipe.build_model(cfg).model

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             if flag is not None:
                 overrides.append(f"{key}={flag}")
         if args.size:
-            overrides += [f"data.buckets=['{args.size}:1']", "sample.bucket=0"]
+            overrides += [f"data.buckets=['{args.size}:1']", "sample.bucket=0", "train.micro_batch=1"]
         if args.prompt:
             overrides.append(f"sample.prompts={args.prompt!r}")
         cfg, recipe = load_run_config(meta["config"], overrides, world=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -23,6 +24,10 @@ class VideoDataConfig:
     random_crop: bool = False
     uint8: bool = True  # workers ship uint8 frames (4x less memory traffic); scaled to [-1, 1] on the device
     latents: str = ""  # video_dit: a latent cache from launch/cache_latents.py to train from; "" encodes online
+    # Audio of each clip's time window (batch["audio"], ["audio_mask"]): samples per second, 0 = no audio.
+    audio_rate: int = 0
+    audio_channels: int = 1  # 1 (mono) or 2 (stereo)
+    missing_audio: Literal["skip", "silent"] = "silent"  # a clip without audio: replaced, or zeros with mask False
 
 
 def video_stream(data: VideoDataConfig, split: str, rank: int, world: int, seed: int,
@@ -42,7 +47,8 @@ def video_stream(data: VideoDataConfig, split: str, rank: int, world: int, seed:
                            batch_multiple=batch_multiple,
                            num_workers=data.num_workers if num_workers is None else num_workers,
                            max_skip_fraction=data.max_skip_fraction, random_crop=data.random_crop,
-                           uint8=data.uint8)
+                           uint8=data.uint8, audio_rate=data.audio_rate, audio_channels=data.audio_channels,
+                           missing_audio=data.missing_audio)
     except ValueError as e:
         raise ConfigError(f"data ({split} split): {e}") from e
 
@@ -53,8 +59,12 @@ def video_tensor(batch: dict) -> torch.Tensor:
     return to_unit_range(video) if video.dtype == torch.uint8 else video
 
 
-def check_vae_buckets(buckets: list[str]) -> None:
-    """The causal VAE needs 1 + 4k frames and sizes divisible by 8: say so before any work starts."""
+def check_vae_buckets(buckets: list[str], micro_batch: int) -> None:
+    """The causal VAE needs 1 + 4k frames and sizes divisible by 8: say so before any work starts.
+
+    A bucket's batch size is the micro-batch of a step in that bucket; train.micro_batch must name the
+    largest, since gradient accumulation (global_batch / (micro_batch x world)) is derived from it.
+    """
     try:
         parsed = parse_buckets(buckets)
     except ValueError as e:
@@ -64,3 +74,8 @@ def check_vae_buckets(buckets: list[str]) -> None:
             raise ConfigError(f"data.buckets: {spec!r} has {b.frames} frames; the causal VAE needs 1 + 4k")
         if b.height % 8 or b.width % 8:
             raise ConfigError(f"data.buckets: {spec!r} is {b.height}x{b.width}; the VAE needs multiples of 8")
+    largest = max(b.batch_size for b in parsed)
+    if micro_batch != largest:
+        raise ConfigError(f"train.micro_batch={micro_batch} but the largest bucket batch in data.buckets is "
+                          f"{largest}: video recipes take each step's micro-batch from its bucket; set "
+                          f"train.micro_batch={largest}")

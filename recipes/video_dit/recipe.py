@@ -108,7 +108,7 @@ class VideoDiTRecipe(Recipe):
     unit = "latent_tokens"
 
     def validate(self, cfg: VideoDiTRunConfig, world: int) -> None:
-        check_vae_buckets(cfg.data.buckets)
+        check_vae_buckets(cfg.data.buckets, cfg.train.micro_batch)
         if not 0 <= cfg.sample.bucket < len(cfg.data.buckets):
             raise ConfigError(f"sample.bucket={cfg.sample.bucket} is not an index into data.buckets "
                               f"({len(cfg.data.buckets)} buckets)")

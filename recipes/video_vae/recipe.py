@@ -44,7 +44,7 @@ class VideoVaeRecipe(Recipe):
     unit = "frames"
 
     def validate(self, cfg: VideoVaeConfig, world: int) -> None:
-        check_vae_buckets(cfg.data.buckets)
+        check_vae_buckets(cfg.data.buckets, cfg.train.micro_batch)
 
     def describe(self, cfg: VideoVaeConfig) -> str:
         n = sum(p.numel() for p in VideoVAE(cfg.model).parameters())

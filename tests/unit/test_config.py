@@ -89,6 +89,8 @@ def test_video_buckets_are_checked_before_any_work():
         load_run_config(dit, ["data.buckets=['64x64x16:8']"], world=1)
     with pytest.raises(ConfigError, match=r"data.buckets: '60x64x17:8' is 60x64; the VAE needs multiples of 8"):
         load_run_config(str(ROOT / "recipes/video_vae/configs/tiny.yaml"), ["data.buckets=['60x64x17:8']"], world=1)
+    with pytest.raises(ConfigError, match=r"train.micro_batch=16 but the largest bucket batch in data.buckets is 8"):
+        load_run_config(dit, ["train.micro_batch=16", "train.global_batch=16"], world=1)
     for preset in ("dit_xl2", "wan2_1_1_3b", "wan2_1_14b"):
         cfg, recipe = load_run_config(str(ROOT / f"recipes/video_dit/configs/{preset}.yaml"), [], world=8)
         assert "DiT parameters" in recipe.describe(cfg)
