@@ -277,3 +277,17 @@ def test_cfg_changes_the_answer():
     guided = decode(model, ids, mask, DecodeConfig(gen_length=16, block_length=8, steps=16, cfg_scale=3.0),
                     mask_id=MASK)
     assert not torch.equal(plain.tokens, guided.tokens)
+
+
+def test_random_remasking_is_seeded_and_completes():
+    model = tiny_model(seed=6)
+    ids, mask = left_padded(PROMPTS)
+    cfg = DecodeConfig(gen_length=16, block_length=8, steps=8, remasking="random")
+
+    def run_seed(seed):
+        return decode(model, ids, mask, cfg, mask_id=MASK, gen=torch.Generator().manual_seed(seed)).tokens
+
+    first = run_seed(0)
+    assert torch.equal(first, run_seed(0)) and not (first == MASK).any()
+    low_conf = decode(model, ids, mask, DecodeConfig(gen_length=16, block_length=8, steps=8), mask_id=MASK).tokens
+    assert any(not torch.equal(run_seed(s), low_conf) for s in range(4))  # the order of commits matters
