@@ -23,6 +23,9 @@ META_FIELDS = ("fps", "frames", "width", "height", "duration", "has_audio")
 _KEY = re.compile(r"^[^./]+$")  # webdataset splits a member name at its first dot, and "/" makes a folder
 
 Sample = tuple[str, bytes, dict]  # (key, original video bytes, KEY.json contents)
+# A sample may carry a 4th element (suffix, bytes): a separate audio track written as KEY.flac or KEY.wav,
+# whose first sample plays with the first video frame (framework/data/audio_decode.py).
+AUDIO_SUFFIXES = ("flac", "wav")
 
 
 class _ShardWriter:
@@ -76,7 +79,8 @@ def _member_spans(tar_path: Path) -> dict[str, tuple[int, int]]:
 
 def write_samples(samples: Iterable[Sample], out_dir: str | Path, shard_bytes: int,
                   shard_samples: int | None = None) -> dict:
-    """Write (key, mp4 bytes, meta) samples as out_dir/shard-*.tar plus out_dir/index.json; returns the index.
+    """Write (key, mp4 bytes, meta[, (suffix, audio bytes)]) samples as out_dir/shard-*.tar plus
+    out_dir/index.json; returns the index.
 
     A shard closes before it would exceed shard_bytes, or once it holds shard_samples samples.
     """
@@ -88,11 +92,16 @@ def write_samples(samples: Iterable[Sample], out_dir: str | Path, shard_bytes: i
     for stale in [out / "index.json", *out.glob("shard-*.tar")]:
         stale.unlink(missing_ok=True)
     writer, seen, items = _ShardWriter(out, shard_bytes), set(), []  # items: index entries per shard
-    for key, video, meta in samples:
+    for key, video, meta, *audio in samples:
         _check_sample(key, meta, seen)
         seen.add(key)
         files = {"mp4": video, "txt": meta["captions"][0].encode("utf-8"),
                  "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")}
+        if audio:
+            if len(audio) != 1 or audio[0][0] not in AUDIO_SUFFIXES:
+                raise ValueError(f"sample {key!r}: a 4th element must be (suffix, bytes) with a suffix in "
+                                 f"{AUDIO_SUFFIXES}")
+            files[audio[0][0]] = audio[0][1]
         writer.write(key, files)
         if len(items) < len(writer.shards):
             items.append([])
@@ -112,8 +121,11 @@ def write_samples(samples: Iterable[Sample], out_dir: str | Path, shard_bytes: i
         for item in shard_items:
             key = item["key"]
             (offset, size), (json_offset, json_size) = spans[f"{key}.mp4"], spans[f"{key}.json"]
-            shard["items"].append({**item, "offset": offset, "size": size, "json_offset": json_offset,
-                                   "json_size": json_size})
+            entry = {**item, "offset": offset, "size": size, "json_offset": json_offset, "json_size": json_size}
+            for suffix in AUDIO_SUFFIXES:  # audio_offset/audio_size: the loader reads a separate track by seek
+                if f"{key}.{suffix}" in spans:
+                    entry["audio_offset"], entry["audio_size"] = spans[f"{key}.{suffix}"]
+            shard["items"].append(entry)
     index = {"format": FORMAT, "shards": writer.shards}
     (out / "index.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     return index

@@ -1,4 +1,5 @@
-"""Bucketed video clip stream over video shards: same bucket on every rank each step, exact mid-epoch resume."""
+"""Bucketed video clip stream over video shards: same bucket on every rank each step, exact mid-epoch resume;
+optionally each clip's audio, cut to the clip's time window."""
 
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from framework.data.audio_decode import (
+    LAYOUTS,
+    MISSING_AUDIO,
+    NoAudioError,
+    decode_audio_window,
+    window_samples,
+)
 from framework.data.buckets import Bucket, assign_bucket, epoch_schedule, usable_duration
 from framework.data.shards import CorruptShardError, assign_shards, load_index
 from framework.data.video_decode import CorruptVideoError, choose_start, clip_times, decode_clip, resize_crop
@@ -25,6 +33,7 @@ MIN_SEEN = 20  # clips seen before max_skip_fraction is enforced: one early fail
 _KEEP_SKIPPED = 100  # failed clips remembered by name (the state dict stays small on a long run)
 _CHECKED = ("world", "rank", "seed", "fps", "batch_multiple", "buckets", "num_shards")
 _ITEM_FIELDS = ("key", "width", "height", "duration", "offset", "size")
+AUDIO_SUFFIXES = ("flac", "wav")  # a separate audio track KEY.flac / KEY.wav (as data/video_shards.py writes it)
 
 Plan = list[tuple[int, list[tuple[int, int]]]]  # per batch: (bucket id, [(shard id, item index), ...])
 
@@ -84,14 +93,26 @@ def _captions(path: Path, item: dict) -> list[str]:
     return [_read(path, *span, f"{key}.txt").decode("utf-8", errors="replace")]
 
 
+def _audio_span(path: Path, item: dict) -> tuple[int, int] | None:
+    """(offset, size) of the sample's separate audio track, from the index or the tar's members; None when its
+    audio (if any) is in the video file."""
+    if "audio_offset" in item:
+        return item["audio_offset"], item["audio_size"]
+    members = _members(path)
+    return next((members[f"{item['key']}.{s}"] for s in AUDIO_SUFFIXES if f"{item['key']}.{s}" in members), None)
+
+
 class _EpochBatches(Dataset):
     """Map-style view of one epoch's planned batches from `start` on; item i is a whole decoded batch plus
-    "skipped": the (shard, key, reason) of clips that failed and were replaced."""
+    "skipped": the (shard, key, reason) of clips that failed and were replaced (and, with audio, "no_audio": the
+    keys of clips kept silent)."""
 
     def __init__(self, root: Path, shards: list[dict], buckets: list[Bucket], plan: Plan, start: int, fps: float,
-                 seed: int, epoch: int, random_crop: bool, dtype: torch.dtype) -> None:
+                 seed: int, epoch: int, random_crop: bool, dtype: torch.dtype, audio_rate: int = 0,
+                 audio_channels: int = 1, missing_audio: str = "silent") -> None:
         self.root, self.shards, self.buckets, self.plan, self.start = root, shards, buckets, plan, start
         self.fps, self.seed, self.epoch, self.random_crop, self.dtype = fps, seed, epoch, random_crop, dtype
+        self.audio_rate, self.audio_channels, self.missing_audio = audio_rate, audio_channels, missing_audio
 
     def __len__(self) -> int:
         return len(self.plan) - self.start
@@ -104,42 +125,79 @@ class _EpochBatches(Dataset):
         start = choose_start(duration, bucket.seconds(self.fps), rng)
         return clip_times(duration, self.fps, bucket.frames, start), rng
 
-    def load(self, shard_id: int, item_idx: int, bucket: Bucket, out: torch.Tensor) -> str:
-        """Decode one clip into out (3, T, H, W) (float32 in [-1, 1], or uint8); returns its caption. Raises
-        CorruptVideoError or CorruptShardError."""
+    def load(self, shard_id: int, item_idx: int, bucket: Bucket, out: torch.Tensor,
+             audio: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[str, bool]:
+        """Decode one clip into out (3, T, H, W) (float32 in [-1, 1], or uint8), and its audio into audio =
+        (samples (C, S), mask (S,)) when given; returns (caption, whether it had audio). Raises
+        CorruptVideoError (NoAudioError under missing_audio="skip") or CorruptShardError."""
         shard, item = self.shards[shard_id], self.shards[shard_id]["items"][item_idx]
         path = self.root / shard["path"]
         times, rng = self.clip(shard_id, item_idx, bucket)
         caption = pick_caption(_captions(path, item), self.seed, self.epoch, item["key"])
-        frames = decode_clip(_read(path, item["offset"], item["size"], f"{item['key']}.mp4"), times,
-                             num_threads=1)  # one decoder thread: parallelism comes from the workers
+        data = _read(path, item["offset"], item["size"], f"{item['key']}.mp4")
+        frames = decode_clip(data, times, num_threads=1)  # one decoder thread: parallelism comes from the workers
+        had_audio = audio is None or self.load_audio(path, item, data, float(times[0]), bucket, *audio)
         resize_crop(frames, bucket.height, bucket.width, rng if self.random_crop else None, out=out)
-        return caption
+        return caption, had_audio
+
+    def load_audio(self, path: Path, item: dict, video: bytes, start: float, bucket: Bucket,
+                   samples: torch.Tensor, mask: torch.Tensor) -> bool:
+        """The audio of the clip's window [start, start + frames / fps): the frames sampled at start + i / fps
+        each stand for 1 / fps of time, so the window is what the clip shows, and its length only depends on
+        the bucket. From KEY.flac / KEY.wav when the sample has one, else from the video file. False: no
+        audio, kept silent (zeros, mask False)."""
+        span = _audio_span(path, item)
+        data = video if span is None else _read(path, *span, f"{item['key']} audio")
+        try:
+            wave, valid = decode_audio_window(data, start, bucket.seconds(self.fps), self.audio_rate,
+                                              self.audio_channels)
+        except NoAudioError:
+            if self.missing_audio == "skip":
+                raise
+            samples.zero_()
+            mask.zero_()
+            return False
+        samples.copy_(torch.from_numpy(wave))
+        mask.copy_(torch.from_numpy(valid))
+        return True
 
     def __getitem__(self, i: int) -> dict:
         bucket_id, refs = self.plan[self.start + i]
         bucket = self.buckets[bucket_id]
         keys = [self.shards[s]["items"][j]["key"] for s, j in refs]
         video = _batch_tensor((len(refs), 3, bucket.frames, bucket.height, bucket.width), self.dtype)
+        audio = mask = None
+        if self.audio_rate:
+            n = window_samples(bucket.seconds(self.fps), self.audio_rate)
+            audio = _batch_tensor((len(refs), self.audio_channels, n), torch.float32)
+            mask = _batch_tensor((len(refs), n), torch.bool)
         captions: list[str | None] = []
         failed = []  # (shard path, key, reason); the main process warns and counts
+        silent = []  # keys of clips without audio, kept silent
         for k, ((s, j), key) in enumerate(zip(refs, keys)):
             try:
-                captions.append(self.load(s, j, bucket, video[k]))
+                caption, had_audio = self.load(s, j, bucket, video[k], None if audio is None else (audio[k], mask[k]))
+                captions.append(caption)
+                if not had_audio:
+                    silent.append(key)
             except (CorruptVideoError, CorruptShardError, OSError) as e:
                 captions.append(None)
                 failed.append((self.shards[s]["path"], key, getattr(e, "reason", str(e))))
         good = [k for k, c in enumerate(captions) if c is not None]
+        extra = {} if audio is None else {"audio": audio, "audio_mask": mask, "audio_rate": self.audio_rate,
+                                          "no_audio": silent}
         if not good:
             return {"video": None, "caption": [], "key": keys, "bucket": bucket_id, "fps": self.fps,
-                    "skipped": failed}
+                    "skipped": failed, **extra}
         # A failed clip takes the next good clip of its batch: batches never shrink, so ranks never desync.
         src = [k if captions[k] is not None else next((g for g in good if g > k), good[0]) for k in range(len(refs))]
         for k, g in enumerate(src):
             if k != g:
-                video[k].copy_(video[g])
+                for t in (video, audio, mask):
+                    if t is not None:
+                        t[k].copy_(t[g])
         return {"video": video, "caption": [captions[g] for g in src], "key": [keys[g] for g in src],
-                "bucket": bucket_id, "fps": self.fps, "skipped": failed}
+                "bucket": bucket_id, "fps": self.fps, "skipped": failed, **extra}
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -164,14 +222,26 @@ class VideoStream:
     B, T, H, W come from the step's bucket, identical on all ranks; len() is this epoch's number of batches.
     uint8=True yields the pixels as uint8 0..255 instead (a quarter of the shared memory and host-to-device
     copy); convert on the device with video_decode.to_unit_range.
+
+    audio_rate > 0 adds "audio" (B, audio_channels, S) float32, "audio_mask" (B, S) bool (False where there was
+    no audio) and "audio_rate": each clip's audio over the time its frames cover, [t0, t0 + T / fps) for a clip
+    sampled at t0 + i / fps, with S = round(T / fps * audio_rate) (audio_decode.decode_audio_window). A clip
+    without audio is kept silent (missing_audio="silent", counted in stats["no_audio"]) or replaced like a
+    corrupt one ("skip").
     """
 
     def __init__(self, data_dir: str | Path, buckets: list[Bucket], rank: int, world: int, seed: int, fps: float,
                  batch_multiple: int = 1, num_workers: int = 0, max_skip_fraction: float = 0.05,
-                 random_crop: bool = False, uint8: bool = False) -> None:
+                 random_crop: bool = False, uint8: bool = False, audio_rate: int = 0, audio_channels: int = 1,
+                 missing_audio: str = "silent") -> None:
         if fps <= 0 or batch_multiple < 1 or num_workers < 0:
             raise ValueError(f"need fps > 0, batch_multiple >= 1, num_workers >= 0; got {fps}, "
                              f"{batch_multiple}, {num_workers}")
+        if (audio_rate != int(audio_rate) or audio_rate < 0 or audio_channels not in LAYOUTS
+                or missing_audio not in MISSING_AUDIO):
+            raise ValueError(f"need an integer audio_rate >= 0 (0: no audio), audio_channels in {tuple(LAYOUTS)} "
+                             f"and missing_audio in {MISSING_AUDIO}; got {audio_rate}, {audio_channels}, "
+                             f"{missing_audio!r}")
         if not buckets:
             raise ValueError("need at least one bucket")
         index = load_index(data_dir)
@@ -187,12 +257,15 @@ class VideoStream:
         self.buckets, self.rank, self.world, self.seed, self.fps = list(buckets), rank, world, seed, float(fps)
         self.batch_multiple, self.num_workers = batch_multiple, num_workers
         self.max_skip_fraction, self.random_crop, self.uint8 = max_skip_fraction, random_crop, uint8
+        self.audio_rate, self.audio_channels, self.missing_audio = int(audio_rate), audio_channels, missing_audio
         # Bucket choice depends only on an item's metadata, so every rank computes the same table.
         self._bucket_of = [[assign_bucket(it, self.buckets, self.fps) for it in s["items"]] for s in self.shards]
         self._counts = [Counter(b for b in bs if b is not None) for bs in self._bucket_of]
         self.too_short_keys = [it["key"] for s, bs in zip(self.shards, self._bucket_of)
                                for it, b in zip(s["items"], bs) if b is None]
         self.stats = {"seen": 0, "skipped": 0, "too_short": len(self.too_short_keys)}
+        if self.audio_rate:
+            self.stats["no_audio"] = 0  # clips kept silent (missing_audio="silent")
         self._skipped: list[str] = []  # "shard:key (reason)" of the latest replaced clips, for the error message
         self._plans: dict[int, Plan] = {}
         self._iter: Iterator[dict] | None = None
@@ -235,7 +308,8 @@ class VideoStream:
 
     def _dataset(self, epoch: int, start: int) -> _EpochBatches:
         return _EpochBatches(self.root, self.shards, self.buckets, self._plan(epoch), start, self.fps, self.seed,
-                             epoch, self.random_crop, torch.uint8 if self.uint8 else torch.float32)
+                             epoch, self.random_crop, torch.uint8 if self.uint8 else torch.float32,
+                             self.audio_rate, self.audio_channels, self.missing_audio)
 
     def planned_clips(self, epoch: int, start: int, count: int) -> list[tuple[Path, str, int, int, np.ndarray]]:
         """(shard file, key, mp4 offset, mp4 size, timestamps (T,)) of each clip of `count` batches from `start`."""
@@ -289,11 +363,13 @@ class VideoStream:
         self._batch += 1
         if self._batch >= len(self._plan(self._epoch)):
             self.start_epoch(self._epoch + 1)
-        self._account(batch.pop("skipped"), batch)
+        self._account(batch.pop("skipped"), batch, batch.pop("no_audio", None))
         return batch
 
-    def _account(self, failed: list[tuple[str, str, str]], batch: dict) -> None:
+    def _account(self, failed: list[tuple[str, str, str]], batch: dict, silent: list[str] | None) -> None:
         self.stats["seen"] += len(batch["key"])
+        if silent is not None:
+            self.stats["no_audio"] = self.stats.get("no_audio", 0) + len(silent)
         for shard, key, reason in failed:
             self.stats["skipped"] += 1
             self._skipped = [*self._skipped[-(_KEEP_SKIPPED - 1):], f"{shard}:{key} ({reason})"]
