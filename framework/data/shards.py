@@ -89,3 +89,15 @@ def decode_npy(data: bytes, path: str | Path = "<bytes>") -> np.ndarray:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise CorruptShardError(path, f"bad .npy: {e}") from None
+
+
+def decode_token_ids(sample: dict[str, bytes | str], ext: str, path: str | Path, vocab_size: int) -> np.ndarray:
+    """A sample's EXT file as token ids: a 1-D integer array in [0, vocab_size); raises CorruptShardError
+    naming path, so a stream skips the shard instead of feeding the model out-of-range ids."""
+    if ext not in sample:
+        raise CorruptShardError(path, f"sample {sample['__key__']!r} has no {ext}")
+    ids = decode_npy(sample[ext], path)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or (ids.size and not 0 <= ids.min() <= ids.max() < vocab_size):
+        raise CorruptShardError(path, f"sample {sample['__key__']!r}: {ext} must be a 1-D integer array in "
+                                      f"[0, {vocab_size}), got {ids.dtype} {ids.shape}")
+    return ids

@@ -17,7 +17,7 @@ from make_tasks import make_tasks
 from sft_to_shards import write_sft_shards
 
 from framework.data.sft import SFTStream, exact_match, left_pad_prompts
-from framework.data.shards import assign_shards, decode_npy, load_index, read_tar_samples
+from framework.data.shards import decode_npy, load_index, read_tar_samples
 
 REPO = Path(__file__).resolve().parents[2]
 L, B = 40, 4  # every task sample (at most 35 tokens with EOS) fits L = 40
@@ -238,30 +238,31 @@ def test_too_long_samples_are_skipped_counted_never_truncated(tasks):
     assert s.epoch == 1 and 0 < s.stats["too_long"] <= too_long and s.stats["refills"] == 0
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_corrupt_shard_is_skipped_counted_and_steps_stay_equal(train_copy, world):
-    index = load_index(train_copy)
-    # Rank 0's first shard of epoch 0, so it is certainly read.
-    bad = train_copy / index["shards"][assign_shards(len(index["shards"]), 0, world, 0, 0)[0]]["path"]
-    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
-    streams = [SFTStream(train_copy, L, B, r, world, seed=0, max_skip_fraction=0.5) for r in range(world)]
-    with pytest.warns(RuntimeWarning, match=re.escape(str(bad))):
-        for s in streams:
-            for _ in range(2 * len(s)):
-                next(s)
-    assert [s.epoch for s in streams] == [2] * world
-    assert streams[0].stats["skipped_shards"] == 1  # counted once, never reread
-    if world == 1:
-        # One rank holding every shard has no slack: losing one makes it run dry and reread its list.
-        assert streams[0].stats["refills"] == 2
+def test_refill_pass_after_a_corrupt_shard_keeps_only_fitting_samples(tasks, train_copy):
+    # World 1 reads every shard, so losing one leaves the rank short of len() batches: it rereads its list,
+    # and the refill pass goes through the same seq_len filter.
+    (train_copy / load_index(train_copy)["shards"][5]["path"]).write_bytes(b"garbage")
+    short = 16
+    fitting = Counter(tuple(p + r) for p, r in samples(tasks / "train") if len(p) + len(r) + 1 <= short)
+    with pytest.warns(RuntimeWarning, match="longer than seq_len 16"):
+        s = SFTStream(train_copy, short, B, 0, 1, seed=0)
+    with pytest.warns(RuntimeWarning, match=r"shard-000005\.tar"):
+        batches = take(s, 2 * len(s))
+    for batch in batches:
+        for row, p, a in zip(batch["input_ids"].tolist(), batch["prompt_len"].tolist(), batch["answer_len"].tolist()):
+            assert p + a <= short and tuple(row[:p + a - 1]) in fitting
+    assert s.epoch == 2 and s.stats["skipped_shards"] == 1 and s.stats["refills"] == 2 and s.stats["too_long"] > 0
 
 
-def test_too_many_corrupt_shards_raise_naming_them(train_copy):
-    for name in ("shard-000000.tar", "shard-000001.tar", "shard-000003.tar"):
-        (train_copy / name).write_bytes(b"garbage")
-    s = SFTStream(train_copy, L, B, 0, 1, seed=0, max_skip_fraction=0.1)
-    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match=r"shard-00000[013]\.tar"):
-        take(s, len(s))
+def test_index_that_overstates_fitting_samples_raises_instead_of_looping(train_copy):
+    index = json.loads((train_copy / "index.json").read_text())
+    for shard in index["shards"]:
+        shard["lengths"] = [[1, shard["samples"]]]  # claims every sample fits any seq_len
+    (train_copy / "index.json").write_text(json.dumps(index))
+    s = SFTStream(train_copy, 5, B, 0, 1, seed=0)
+    with pytest.raises(RuntimeError, match=r"no sample of \[.*\] fits seq_len 5, although .*index\.json says some do"):
+        next(s)
+    assert s.stats["refills"] == 0 and s.stats["too_long"] == 400
 
 
 def test_errors_name_the_problem(tmp_path, tasks, make_shards, train_copy):
