@@ -15,21 +15,18 @@ that decodes packets without the decoder's skip (or a container without an edit 
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import itertools
 import math
 import os
-from collections.abc import Iterator
 from fractions import Fraction
-from multiprocessing import Pool
 from pathlib import Path
 
 import av
 import numpy as np
-from make_shapes_dataset import COLOURS, MIN_SHARDS, SHAPES, _coverage
-from tqdm import tqdm
-from video_shards import Sample, write_samples
+from generated_split import write_generated_split
+from make_shapes_dataset import COLOURS, SHAPES, _coverage
+from video_shards import Sample
 
 # 440-1100 Hz in steps of 220 Hz: far apart for a model and an FFT alike. The palette is the shapes dataset's.
 PITCHES = {"red": 440.0, "green": 660.0, "blue": 880.0, "yellow": 1100.0}
@@ -176,30 +173,14 @@ def make_sample(index: int, split: str, label: tuple[str, str, int], seed: int, 
     return f"{split}_{index:06d}", encode_mp4(video, fps, audio, rate), meta
 
 
-def _make_indexed(job: tuple[int, tuple[str, str, int]], **kw: object) -> Sample:
-    return make_sample(job[0], label=job[1], **kw)
-
-
 def generate_split(out_dir: str | Path, split: str, num: int, seed: int = 0, size: int = 64, frames: int = 50,
                    fps: float = 25, rate: int = 16000, offset_ms: float = 0.0, workers: int = 1,
                    shard_samples: int = 64, progress: bool = True) -> dict:
     """Write num clips of a split as shards in out_dir; labels cycle through all 36 combinations, shuffled."""
-    order = np.random.default_rng([seed, SPLITS[split]]).permutation(num) % len(LABELS)
-    jobs = [(i, LABELS[k]) for i, k in enumerate(order)]
-    make = functools.partial(_make_indexed, split=split, seed=seed, size=size, frames=frames, fps=fps,
-                             rate=rate, offset_ms=offset_ms)
     check_args(size, fps, frames, rate, offset_ms)  # impossible arguments fail before any work
-    per_shard = min(shard_samples, max(1, math.ceil(num / MIN_SHARDS)))
-
-    def samples() -> Iterator[Sample]:
-        bar = dict(total=num, desc=split, unit="clip", disable=not progress)
-        if workers <= 1:
-            yield from tqdm(map(make, jobs), **bar)
-            return
-        with Pool(workers) as pool:
-            yield from tqdm(pool.imap(make, jobs, chunksize=8), **bar)
-
-    return write_samples(samples(), out_dir, shard_bytes=1 << 40, shard_samples=per_shard)
+    return write_generated_split(make_sample, LABELS, out_dir, split, SPLITS[split], num, seed, workers,
+                                 shard_samples, progress, size=size, frames=frames, fps=fps, rate=rate,
+                                 offset_ms=offset_ms)
 
 
 def main() -> None:

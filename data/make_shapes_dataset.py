@@ -4,20 +4,17 @@ mp4 shards (train/ and val/) with captions "a {colour} {shape} moves {direction}
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import itertools
 import math
 import os
-from collections.abc import Iterator
 from fractions import Fraction
-from multiprocessing import Pool
 from pathlib import Path
 
 import av
 import numpy as np
-from tqdm import tqdm
-from video_shards import Sample, write_samples
+from generated_split import write_generated_split
+from video_shards import Sample
 
 # Saturated and far apart in RGB: a decoded clip's colour stays unambiguous after 4:2:0 chroma subsampling.
 # recipes/video_dit/adherence.py holds the same palette (a test checks they agree).
@@ -26,7 +23,6 @@ SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy); y points down
 PHRASES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 LABELS = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))  # all 48 (colour, shape, direction)
-MIN_SHARDS = 8  # each split gets at least this many shards (when it has the samples), to feed ranks x workers
 SPLITS = {"train": 0, "val": 1}  # the seed stream of each split
 
 
@@ -111,27 +107,11 @@ def make_sample(index: int, split: str, label: tuple[str, str, str], seed: int, 
     return f"{split}_{index:06d}", video, meta
 
 
-def _make_indexed(job: tuple[int, tuple[str, str, str]], **kw: object) -> Sample:
-    return make_sample(job[0], label=job[1], **kw)
-
-
 def generate_split(out_dir: str | Path, split: str, num: int, seed: int = 0, size: int = 64, frames: int = 17,
                    fps: float = 8, workers: int = 1, shard_samples: int = 64, progress: bool = True) -> dict:
     """Write num clips of a split as shards in out_dir; labels cycle through all 48 combinations, shuffled."""
-    order = np.random.default_rng([seed, SPLITS[split]]).permutation(num) % len(LABELS)
-    jobs = [(i, LABELS[k]) for i, k in enumerate(order)]
-    make = functools.partial(_make_indexed, split=split, seed=seed, size=size, frames=frames, fps=fps)
-    per_shard = min(shard_samples, max(1, math.ceil(num / MIN_SHARDS)))
-
-    def samples() -> Iterator[Sample]:
-        bar = dict(total=num, desc=split, unit="clip", disable=not progress)
-        if workers <= 1:
-            yield from tqdm(map(make, jobs), **bar)
-            return
-        with Pool(workers) as pool:
-            yield from tqdm(pool.imap(make, jobs, chunksize=16), **bar)
-
-    return write_samples(samples(), out_dir, shard_bytes=1 << 40, shard_samples=per_shard)
+    return write_generated_split(make_sample, LABELS, out_dir, split, SPLITS[split], num, seed, workers,
+                                 shard_samples, progress, size=size, frames=frames, fps=fps)
 
 
 def main() -> None:
