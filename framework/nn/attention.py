@@ -64,8 +64,18 @@ def attention(
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
     doc_ids: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """Scaled dot-product attention. q: (B, H, Lq, D), k, v: (B, H, Lk, D) -> (B, H, Lq, D)."""
+    """Scaled dot-product attention. q: (B, H, Lq, D), k, v: (B, H, Lk, D) -> (B, H, Lq, D).
+
+    mask: a boolean mask already made by `build_attention_mask` (then causal, key_padding_mask and doc_ids
+    stay unset): a model with many layers builds it once per forward instead of once per layer, which
+    matters where decoding is bound by kernel launches.
+    """
+    if mask is not None:
+        if causal or key_padding_mask is not None or doc_ids is not None:
+            raise ValueError("pass either a prebuilt mask or causal/key_padding_mask/doc_ids, not both")
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     needs_mask = key_padding_mask is not None or doc_ids is not None
     if FLASH_ATTN_AVAILABLE and q.is_cuda and q.dtype in _FLASH_DTYPES and not needs_mask:
         # flash-attn wants (B, L, H, D)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from framework.nn.attention import attention
+from framework.nn.attention import attention, build_attention_mask
 from framework.nn.init import gathered_for_init
 from framework.nn.layers import RMSNorm, SwiGLU
 from framework.nn.rope import apply_rope, rope_frequencies
@@ -99,14 +99,14 @@ class SelfAttention(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        key_padding_mask: Tensor | None = None,
-        doc_ids: Tensor | None = None,
+        mask: Tensor | None = None,
         positions: Tensor | None = None,
         past: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x: (B, L, dim), cos/sin: (max_len, head_dim) -> (B, L, dim) and this call's (k, v).
 
-        key_padding_mask covers the keys attended: the past ones, then this call's. positions: (B, L).
+        mask: None (full attention, or causal for the AR twin with nothing cached) or the model's boolean
+        mask over the keys attended, the past ones then this call's. positions: (B, L).
         """
         b, seq, dim = x.shape
 
@@ -118,7 +118,7 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, positions), apply_rope(k, cos, sin, positions)
         keys, values = (k, v) if past is None else (torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2))
-        out = attention(q, keys, values, causal=self.causal, key_padding_mask=key_padding_mask, doc_ids=doc_ids)
+        out = attention(q, keys, values, causal=self.causal and mask is None, mask=mask)
         return self.wo(out.transpose(1, 2).reshape(b, seq, dim)), (k, v)
 
 
@@ -137,13 +137,12 @@ class Block(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        key_padding_mask: Tensor | None = None,
-        doc_ids: Tensor | None = None,
+        mask: Tensor | None = None,
         positions: Tensor | None = None,
         past: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x: (B, L, dim) -> (B, L, dim) and this call's (k, v)."""
-        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, key_padding_mask, doc_ids, positions, past)
+        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, mask, positions, past)
         x = x + attn_out
         return x + self.ffn(self.ffn_norm(x)), kv
 
@@ -177,8 +176,13 @@ class LladaModel(nn.Module):
         if self.rope_cos.dtype != torch.float32 or self.rope_cos.is_meta:
             # module.to(bf16) (DeepSpeed's bf16 engine does it) also casts buffers, and transformers'
             # from_pretrained builds modules on the meta device: recompute rather than trust the buffer.
+            # Computed once per device, not per forward (decoding runs hundreds of small forwards).
             device = self.embed.weight.device
-            return rope_frequencies(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device)
+            cached = getattr(self, "_rope_fp32", None)
+            if cached is None or cached[0].device != device:
+                cached = rope_frequencies(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device)
+                self._rope_fp32 = cached
+            return cached
         return self.rope_cos, self.rope_sin
 
     def hidden_states(
@@ -206,14 +210,20 @@ class LladaModel(nn.Module):
         cur_mask = torch.ones(b, seq_len, dtype=torch.bool, device=input_ids.device) \
             if key_padding_mask is None else key_padding_mask.to(torch.bool)
         keys_mask = cur_mask if past is None else torch.cat((past.mask, cur_mask), dim=1)
-        # None when nothing is padded keeps SDPA on its fast unmasked path (training, plain decoding).
-        attn_mask = None if key_padding_mask is None and (past is None or bool(past.mask.all())) else keys_mask
+        padded = key_padding_mask is not None or (past is not None and not bool(past.mask.all()))
+        # No mask keeps SDPA (or flash-attn) on its fast path (training, plain decoding); otherwise one mask
+        # for all layers. A causal query behind cached keys needs the bottom-right causal mask.
+        mask = None
+        if padded or doc_ids is not None or (self.cfg.causal and past is not None and seq_len > 1):
+            mask = build_attention_mask(seq_len, offset + seq_len, causal=self.cfg.causal,
+                                        key_padding_mask=keys_mask if padded else None, doc_ids=doc_ids,
+                                        device=input_ids.device)
         cos, sin = self._rope_tables()
         x = self.embed(input_ids)
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             layer_past = None if past is None else (past.keys[i], past.values[i])
-            x, (k, v) = block(x, cos, sin, attn_mask, doc_ids, positions, layer_past)
+            x, (k, v) = block(x, cos, sin, mask, positions, layer_past)
             keys.append(k)
             values.append(v)
         return self.norm(x), KVCache(keys, values, cur_mask)
