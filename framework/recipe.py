@@ -96,6 +96,7 @@ RECIPES: dict[str, str] = {
     "llada": "recipes.llada.recipe:LladaRecipe",
     "video_vae": "recipes.video_vae.recipe:VideoVaeRecipe",
     "video_dit": "recipes.video_dit.recipe:VideoDiTRecipe",
+    "audio_vae": "recipes.audio_vae.recipe:AudioVaeRecipe",
 }
 
 
