@@ -172,3 +172,15 @@ def resize_crop(frames: np.ndarray, height: int, width: int, rng: np.random.Gene
 def to_unit_range(video: torch.Tensor) -> torch.Tensor:
     """uint8 pixels (any shape, any device) -> float32 in [-1, 1], as resize_crop returns them."""
     return video.to(torch.float32).mul_(1 / 127.5).sub_(1.0)
+
+
+def as_rgb255(video: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """A (T, H, W, 3) video as float32 in [0, 255], from uint8 or from floats in value_range ((0, 1) when
+    None); the detectors of generated videos (prompt adherence, audio-video sync) read pixels this way."""
+    video = np.asarray(video)
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"video must be (T, H, W, 3), got shape {video.shape}")
+    if value_range is None:
+        value_range = (0.0, 255.0) if np.issubdtype(video.dtype, np.integer) else (0.0, 1.0)
+    lo, hi = value_range
+    return np.clip((video.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0.0, 255.0)

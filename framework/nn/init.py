@@ -16,3 +16,13 @@ def gathered_for_init(module: torch.nn.Module) -> contextlib.AbstractContextMana
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def xavier_linears(module: torch.nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every nn.Linear below module (the DiT convention; the
+    callers zero their adaLN and output projections afterwards)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from framework.nn.attention import attention
 from framework.nn.dit import Attention, DiTBlock, FinalLayer, TimestepEmbedder, modulate, patchify, unpatchify
-from framework.nn.init import gathered_for_init
+from framework.nn.init import gathered_for_init, xavier_linears
 from framework.nn.rope import apply_rope
 from recipes.video_audio.time_rope import audio_positions, rope_tables, time_only_rope, video_positions
 from recipes.video_audio.token_times import audio_token_times, video_token_times
@@ -170,11 +170,7 @@ class JointAVDiT(nn.Module):
             self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        xavier_linears(self)
         zero = [t.time_proj for t in (self.video, self.audio)]  # adaLN-Zero: blocks start as the identity
         zero += [layer for t in (self.video, self.audio) for layer in (t.final.modulation, t.final.proj)]
         zero += [x.attn.out for b in self.blocks for x in (b.audio_to_video, b.video_to_audio)]  # no bridge yet

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from framework.data.video_decode import as_rgb255
+
 # |offset| counted as in sync: one frame at 25 fps, and inside ITU-R BT.1359's detectability window (sound
 # up to 45 ms early or 125 ms late goes unnoticed).
 TOLERANCE_MS = 40.0
@@ -35,23 +37,13 @@ MAX_RISE = 0.01  # seconds: the LOW point is looked for at most this far before 
 SMOOTH = 0.0005  # seconds: centred moving average on the envelope (a linear ramp passes unchanged)
 
 
-def _as_rgb255(video: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray:
-    video = np.asarray(video)
-    if video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(f"video must be (T, H, W, 3), got shape {video.shape}")
-    if value_range is None:
-        value_range = (0.0, 255.0) if np.issubdtype(video.dtype, np.integer) else (0.0, 1.0)
-    lo, hi = value_range
-    return np.clip((video.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0.0, 255.0)
-
-
 def brightness_rise(video: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
     """(T,) mean brightening of each frame over the previous one (0 for frame 0), in 0-255 levels.
 
     Brightness is max(R, G, B), not luma: a saturated blue flash barely moves luma (0.11 B) but moves this as
     much as a yellow one. Only increases count, so a flash that fades over several frames rises once.
     """
-    value = _as_rgb255(video, value_range).max(axis=-1)  # (T, H, W)
+    value = as_rgb255(video, value_range).max(axis=-1)  # (T, H, W)
     rise = np.zeros(len(value), dtype=np.float64)
     if len(value) > 1:
         rise[1:] = np.maximum(np.diff(value, axis=0), 0.0).mean(axis=(1, 2))

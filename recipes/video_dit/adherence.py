@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from framework.data.video_decode import as_rgb255
+
 # The generator's palette (data/make_shapes_dataset.py; a test checks they agree).
 PALETTE = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 235), "yellow": (235, 220, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -35,16 +37,6 @@ def parse_prompt(text: str) -> Label:
     return first(PALETTE), first(SHAPES), first(DIRECTIONS)
 
 
-def _as_rgb255(video: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray:
-    video = np.asarray(video)
-    if video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(f"video must be (T, H, W, 3), got shape {video.shape}")
-    if value_range is None:
-        value_range = (0.0, 255.0) if np.issubdtype(video.dtype, np.integer) else (0.0, 1.0)
-    lo, hi = value_range
-    return np.clip((video.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0.0, 255.0)
-
-
 def _fill_ratio(cover: np.ndarray) -> float | None:
     """Shape area over its bounding box area for a coverage map (H, W) in [0, 1]; None when empty.
 
@@ -60,7 +52,7 @@ def detect(video: np.ndarray, value_range: tuple[float, float] | None = None) ->
 
     value_range is what black and white map to: default (0, 255) for integer videos, (0, 1) for floats.
     """
-    rgb = _as_rgb255(video, value_range)
+    rgb = as_rgb255(video, value_range)
     # The shape covers a small part of each frame, so the per-channel median is the background.
     background = np.median(rgb.reshape(-1, 3), axis=0)
     sure = np.linalg.norm(rgb - background, axis=-1) > FOREGROUND  # (T, H, W)

@@ -9,7 +9,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from framework.nn.dit import DiTBlock, FinalLayer, TimestepEmbedder, patchify, unpatchify
-from framework.nn.init import gathered_for_init
+from framework.nn.init import gathered_for_init, xavier_linears
 from framework.nn.rope_nd import default_bands, grid_positions, rope_nd
 
 
@@ -58,11 +58,7 @@ class VideoDiT(nn.Module):
             self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        xavier_linears(self)
         nn.init.zeros_(self.time_proj.weight)  # adaLN-Zero: every block starts as the identity
         nn.init.zeros_(self.time_proj.bias)
         for layer in (self.final.modulation, self.final.proj):
