@@ -35,6 +35,7 @@ class Recipe:
     name: str = ""
     config_class: type[RunConfig] = RunConfig
     unit: str = "samples"  # what `work()` counts; throughput is logged as `<unit>_per_s`
+    export_sections: tuple[str, ...] = ("model",)  # config sections a safetensors export's config.json keeps
 
     def validate(self, cfg: RunConfig, world: int) -> None:
         """Raise ConfigError for combinations only this recipe knows are impossible."""
@@ -97,6 +98,7 @@ RECIPES: dict[str, str] = {
     "video_vae": "recipes.video_vae.recipe:VideoVaeRecipe",
     "video_dit": "recipes.video_dit.recipe:VideoDiTRecipe",
     "audio_vae": "recipes.audio_vae.recipe:AudioVaeRecipe",
+    "video_audio": "recipes.video_audio.recipe:VideoAudioRecipe",
 }
 
 

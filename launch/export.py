@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = safetensors_io.consolidated_state_dict(ckpt, use_ema=args.ema)
         if args.format == "safetensors":
-            config = {"recipe": meta["recipe"], "step": meta["step"], "ema": args.ema, "model": meta["config"]["model"]}
+            config = {"recipe": meta["recipe"], "step": meta["step"], "ema": args.ema,
+                      **{k: meta["config"][k] for k in recipe.export_sections if k in meta["config"]}}
             path = safetensors_io.write(state, config, args.out)
             assets = recipe.export_assets(cfg, args.out)
             print(f"wrote {path} ({len(state)} tensors, {sum(t.numel() for t in state.values()) / 1e6:.2f}M "

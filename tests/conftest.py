@@ -85,3 +85,12 @@ def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate_split(out / "train", "train", 48, size=32, frames=9, fps=8, progress=False)
     generate_split(out / "val", "val", 16, size=32, frames=9, fps=8, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def flash_beep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small flash + beep dataset (64x64, 50 frames at 25 fps, H.264 + AAC): 16 train clips, 8 val clips."""
+    out = tmp_path_factory.mktemp("flash_beep")
+    subprocess.run([sys.executable, "data/make_flash_beep_dataset.py", "--out", str(out), "--train", "16", "--val",
+                    "8", "--workers", "2"], cwd=REPO, check=True, capture_output=True, timeout=120)
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,13 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: float, crf: int = 18) -> Path:
-    """(T, H, W, 3) uint8 -> an H.264 mp4 (yuv420p needs even sizes: odd edges are padded by one pixel)."""
+def write_mp4(frames: np.ndarray, path: str | Path, fps: float, crf: int = 18, audio: np.ndarray | None = None,
+              audio_rate: int = 16000, audio_bitrate: int = 64000) -> Path:
+    """(T, H, W, 3) uint8 -> an H.264 mp4 (yuv420p needs even sizes: odd edges are padded by one pixel).
+
+    audio (N,) or (channels, N) float in [-1, 1] adds an AAC track starting with the first frame (the
+    encoder's priming delay goes into the mp4 edit list, so players and PyAV decode it at pts 0).
+    """
     import av
 
     t, h, w, _ = frames.shape
@@ -23,12 +29,24 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float, crf: int = 18) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=max(1, round(fps)))
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": str(crf)}
+        sound = None
+        if audio is not None:
+            audio = np.atleast_2d(np.asarray(audio, dtype=np.float32)).clip(-1.0, 1.0)
+            if audio.shape[0] not in (1, 2):
+                raise ValueError(f"audio must be (N,) or (channels <= 2, N), got shape {audio.shape}")
+            sound = container.add_stream("aac", rate=audio_rate)
+            sound.layout, sound.bit_rate = ("mono" if audio.shape[0] == 1 else "stereo"), audio_bitrate
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode())
+        if sound is not None:
+            samples = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio), format="fltp", layout=sound.layout.name)
+            samples.sample_rate, samples.pts = audio_rate, 0
+            container.mux(sound.encode(samples))  # PyAV cuts it into the encoder's 1024-sample frames
+            container.mux(sound.encode())
     return path
 
 

@@ -56,10 +56,9 @@ class AudioVaeConfig(RunConfig):
     loss: AudioLossConfig = field(default_factory=AudioLossConfig)
 
 
-def mel_of(cfg: AudioVaeConfig, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def mel_of(m: MelConfig, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-mel (B, n_mels, T), frame mask (B, T)) of the batch's audio, channels mixed to mono; a frame counts
     when every sample of its hop had audio (clips without audio are silent with mask False)."""
-    m = cfg.mel
     audio = batch["audio"].float().mean(1)
     mel = log_mel(audio, m.rate, m.n_fft, m.hop, m.n_mels, m.win_length, m.fmin, m.fmax or None)
     frames = mel.shape[-1]
@@ -87,6 +86,7 @@ class AudioVaeRecipe(Recipe):
     name = "audio_vae"
     config_class = AudioVaeConfig
     unit = "mel_frames"
+    export_sections = ("model", "mel")  # a user of the export needs the features the VAE was trained on
 
     def validate(self, cfg: AudioVaeConfig, world: int) -> None:
         m, d = cfg.mel, cfg.data
@@ -128,7 +128,7 @@ class AudioVaeRecipe(Recipe):
         return video_stream(cfg.data, split, rank, world, cfg.train.seed, batch_multiple)
 
     def loss(self, cfg: AudioVaeConfig, model, helpers, batch, gen):
-        x, mask = mel_of(cfg, batch)
+        x, mask = mel_of(cfg.mel, batch)
         x_hat, mean, logvar = model(x, gen=gen)
         recon = frame_error(x_hat, x, mask, cfg.loss.recon)
         kl = kl_divergence(mean, logvar)
@@ -154,7 +154,7 @@ class AudioVaeRecipe(Recipe):
         stream = self._val_batches(cfg, rank, world)
         l1 = mse = n = l1_loud = n_loud = 0.0
         for _, batch in zip(range(min(cfg.eval.batches, len(stream))), stream):
-            x, mask = mel_of(cfg, {k: batch[k].to(dist.device()) for k in ("audio", "audio_mask")})
+            x, mask = mel_of(cfg.mel, {k: batch[k].to(dist.device()) for k in ("audio", "audio_mask")})
             x_hat = self._reconstruct(model, x)
             hot = loud(x, mask)
             count, count_loud = float(mask.sum()) * x.shape[1], float(hot.sum())
@@ -170,7 +170,7 @@ class AudioVaeRecipe(Recipe):
         """Griffin-Lim wavs of input and reconstruction mels of the first held-out clips, and a PNG with a row
         per clip, input | reconstruction (rank 0 writes; every rank runs the forward)."""
         batch = next(iter(self._val_batches(cfg, rank, world)))
-        x, mask = mel_of(cfg, {k: batch[k][: cfg.eval.samples].to(dist.device()) for k in ("audio", "audio_mask")})
+        x, mask = mel_of(cfg.mel, {k: batch[k][: cfg.eval.samples].to(dist.device()) for k in ("audio", "audio_mask")})
         x_hat = self._reconstruct(model, x).float()
         if rank != 0:
             return []

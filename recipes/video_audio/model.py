@@ -148,17 +148,26 @@ class JointBlock(nn.Module):
         self.audio_to_video = CrossModalAttention(cfg.dim, cfg.heads, cfg.qk_norm)  # video queries
         self.video_to_audio = CrossModalAttention(cfg.dim, cfg.heads, cfg.qk_norm)  # audio queries
 
-    def forward(self, v: Tensor, a: Tensor, sv: Stream, sa: Stream) -> tuple[Tensor, Tensor]:
+    def forward(self, v: Tensor, a: Tensor, sv: Stream, sa: Stream,
+                bridge: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """bridge (B, 1, 1) float: 0 cuts both cross-modal updates of a row (modality dropout), None keeps all."""
         v, a = attend(self.video, v, sv), attend(self.audio, a, sa)
         # Both directions read the same pre-exchange states, so neither tower sees the other one step ahead.
-        v, a = (v + self.audio_to_video(v, a, sv.cross_rope, sa.cross_rope),
-                a + self.video_to_audio(a, v, sa.cross_rope, sv.cross_rope))
+        to_v = self.audio_to_video(v, a, sv.cross_rope, sa.cross_rope)
+        to_a = self.video_to_audio(a, v, sa.cross_rope, sv.cross_rope)
+        if bridge is not None:
+            to_v, to_a = to_v * bridge, to_a * bridge
+        v, a = v + to_v, a + to_a
         return feed_forward(self.video, v, sv), feed_forward(self.audio, a, sa)
 
 
 class JointAVDiT(nn.Module):
     """forward(video (B, Cv, T, H, W), audio (B, Ca, Ta), t_video (B,), t_audio (B,), text (B, S, text_dim),
-    text_mask (B, S)) -> (video velocity like video, audio velocity like audio)."""
+    text_mask (B, S), bridge (B,) bool) -> (video velocity like video, audio velocity like audio).
+
+    bridge False cuts a row's cross-modal attention: each tower then sees only its own modality and the
+    text, which is what modality dropout trains and cross-modal guidance samples as its unconditional branch.
+    """
 
     def __init__(self, cfg: JointAVConfig):
         super().__init__()
@@ -188,8 +197,8 @@ class JointAVDiT(nn.Module):
         return vt, at
 
     def forward(self, video: Tensor, audio: Tensor, t_video: Tensor, t_audio: Tensor, text: Tensor,
-                text_mask: Tensor | None = None, fps: float | None = None, video_t0: float = 0.0,
-                audio_t0: float = 0.0) -> tuple[Tensor, Tensor]:
+                text_mask: Tensor | None = None, bridge: Tensor | None = None, fps: float | None = None,
+                video_t0: float = 0.0, audio_t0: float = 0.0) -> tuple[Tensor, Tensor]:
         cfg, dev = self.cfg, video.device
         v, grid_v = self.video.embed(video)
         a, grid_a = self.audio.embed(audio[..., None, None])
@@ -205,9 +214,10 @@ class JointAVDiT(nn.Module):
             cross_a = time_only_rope(at, cfg.head_dim, cfg.time_scale, cfg.rope_theta)
         sv = Stream(time6_v, rope_v, cross_v, self.video.text_proj(text), text_mask)
         sa = Stream(time6_a, rope_a, cross_a, self.audio.text_proj(text), text_mask)
+        gate = None if bridge is None else bridge.to(device=dev, dtype=v.dtype).view(-1, 1, 1)
         for block in self.blocks:
             if cfg.activation_checkpointing and self.training:
-                v, a = torch.utils.checkpoint.checkpoint(block, v, a, sv, sa, use_reentrant=False)
+                v, a = torch.utils.checkpoint.checkpoint(block, v, a, sv, sa, gate, use_reentrant=False)
             else:
-                v, a = block(v, a, sv, sa)
+                v, a = block(v, a, sv, sa, gate)
         return self.video.head(v, c_v, grid_v), self.audio.head(a, c_a, grid_a)[..., 0, 0]

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import wave
-from pathlib import Path
 
 import pytest
 
@@ -20,14 +19,6 @@ PRESET = str(ROOT / "recipes/audio_vae/configs/tiny.yaml")
 COMMON = ["log.every=1", "log.wandb=disabled", "log.progress=false", "eval.every=0", "checkpoint.every=0",
           "data.buckets=['16x16x8:2']", "train.micro_batch=2", "train.global_batch=4", "optim.warmup_steps=1",
           "model.base_channels=32"]
-
-
-@pytest.fixture(scope="module")
-def flash_beep(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("flash_beep")
-    subprocess.run([sys.executable, "data/make_flash_beep_dataset.py", "--out", str(out), "--train", "16", "--val",
-                    "4", "--workers", "2"], cwd=ROOT, check=True, capture_output=True, timeout=120)
-    return out
 
 
 def test_two_ranks_learn_evaluate_and_sample(flash_beep, tmp_path):
