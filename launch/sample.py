@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default RUN/samples/sample_step_N)")
     parser.add_argument("--no-ema", action="store_true", help="use the live weights even if an EMA exists")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the run's config")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     dist.prepare_env()
     try:
         ckpt = checkpoint.resolve(args.checkpoint, "")
