@@ -5,6 +5,7 @@
     python launch/benchmark.py video-loader --data DIR [--workers N] [--batches B] [--uint8]
     python launch/benchmark.py latent-cache --latents DIR [--steps S] [--repeats R] [key=value ...]
     python launch/benchmark.py decode --masked RUN --ar RUN [--prompts N] [--gen-length 256] [--threshold T]
+    python launch/benchmark.py av-sync --shared RUN --ablation RUN [--samples N]
 
 trainer-overhead: seconds per optimizer step of our trainer (launch/train.py: LR schedule, per-step
 generators, metric all-reduce, EMA, JSONL, progress bar) divided by a bare DeepSpeed loop over the same
@@ -20,6 +21,10 @@ with the VAE online, both through launch/train.py, alternating.
 decode: tokens/s and exact-match accuracy of the LLaDA reference decoder (one token per step), threshold
 decoding, threshold + KV cache, and the AR twin, on the same task prompts (launch/bench_decode.py).
 Target: threshold + cache >= 5x the reference at <= 1 point accuracy loss.
+
+av-sync: audio-video sync of joint video + audio samples, the shared temporal RoPE band against the run
+trained without it, beside the dataset and a VAE round trip (launch/bench_av_sync.py). Target: median
+|offset| <= 40 ms with the band, clearly worse without.
 """
 
 from __future__ import annotations
@@ -220,6 +225,9 @@ def main() -> None:
     from bench_decode import add_arguments as decode_arguments
 
     decode_arguments(sub.add_parser("decode", help="masked-diffusion decoders and the AR twin: tokens/s, accuracy"))
+    from bench_av_sync import add_arguments as av_sync_arguments
+
+    av_sync_arguments(sub.add_parser("av-sync", help="joint video + audio sync: shared time band vs ablation"))
     b = sub.add_parser("_bare-loop", help=argparse.SUPPRESS)
     b.add_argument("--preset", required=True)
     b.add_argument("--steps", type=int, required=True)
@@ -238,6 +246,10 @@ def main() -> None:
         from bench_decode import main as decode_main
 
         decode_main(args)
+    elif args.name == "av-sync":
+        from bench_av_sync import main as av_sync_main
+
+        av_sync_main(args)
     elif args.name == "video-loader":
         from bench_video_loader import default_buckets, run
 

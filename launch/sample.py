@@ -14,11 +14,9 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import torch
 
-from framework import checkpoint
 from framework import distributed as dist
 from framework.config import ConfigError
-from framework.export.safetensors_io import consolidated_state_dict
-from framework.recipe import load_run_config
+from framework.trained import load_trained
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,33 +32,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the run's config")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     dist.prepare_env()
+    overrides = list(args.overrides)
+    for flag, key in ((args.steps, "sample.steps"), (args.cfg, "sample.cfg_scale"), (args.seed, "sample.seed")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    if args.size:
+        overrides += [f"data.buckets=['{args.size}:1']", "sample.bucket=0", "train.micro_batch=1"]
+    if args.prompt:
+        overrides.append(f"sample.prompts={args.prompt!r}")
     try:
-        ckpt = checkpoint.resolve(args.checkpoint, "")
-        meta = checkpoint.read_meta(ckpt)
-        overrides = list(args.overrides)
-        for flag, key in ((args.steps, "sample.steps"), (args.cfg, "sample.cfg_scale"), (args.seed, "sample.seed")):
-            if flag is not None:
-                overrides.append(f"{key}={flag}")
-        if args.size:
-            overrides += [f"data.buckets=['{args.size}:1']", "sample.bucket=0", "train.micro_batch=1"]
-        if args.prompt:
-            overrides.append(f"sample.prompts={args.prompt!r}")
-        cfg, recipe = load_run_config(meta["config"], overrides, world=1)
-        if args.prompt:
-            cfg.eval.samples = len(args.prompt)
-        use_ema = not args.no_ema and checkpoint.trainer_states(ckpt)[0].get("ema") is not None
-        built = recipe.build_model(cfg)
-        built.model.load_state_dict(consolidated_state_dict(ckpt, use_ema=use_ema))
+        run = load_trained(args.checkpoint, overrides, use_ema=not args.no_ema)
+        helpers = run.recipe.build_helpers(run.cfg)  # frozen VAEs, text encoders: missing files are named here
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    cfg, recipe = run.cfg, run.recipe
+    if args.prompt:
+        cfg.eval.samples = len(args.prompt)
     device = dist.device()
-    model = built.model.to(device).eval()
-    helpers = {k: v.to(device).eval() for k, v in recipe.build_helpers(cfg).items()}
-    out = args.out or str(Path(cfg.run_dir) / "samples" / f"sample_{ckpt.name}")
-    print(f"sampling {ckpt} ({'EMA' if use_ema else 'live'} weights) -> {out}", flush=True)
+    model = run.model.to(device).eval()
+    helpers = {k: v.to(device).eval() for k, v in helpers.items()}
+    out = args.out or str(Path(cfg.run_dir) / "samples" / f"sample_{run.checkpoint.name}")
+    print(f"sampling {run.checkpoint} ({'EMA' if run.ema else 'live'} weights) -> {out}", flush=True)
     with torch.no_grad():
-        lines = recipe.sample(model, helpers, cfg, 0, 1, meta["step"], out)
+        lines = recipe.sample(model, helpers, cfg, 0, 1, run.meta["step"], out)
     for line in lines:
         print(line)
     return 0

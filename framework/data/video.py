@@ -122,7 +122,7 @@ class _EpochBatches(Dataset):
         item = self.shards[shard_id]["items"][item_idx]
         rng = np.random.default_rng([self.seed, self.epoch, key_seed(item["key"])])
         duration = usable_duration(item)
-        start = choose_start(duration, bucket.seconds(self.fps), rng)
+        start = choose_start(duration, bucket.seconds(self.fps), rng, float(item.get("fps") or 0.0))
         return clip_times(duration, self.fps, bucket.frames, start), rng
 
     def load(self, shard_id: int, item_idx: int, bucket: Bucket, out: torch.Tensor,

@@ -174,6 +174,11 @@ def test_clip_times_and_choose_start():
     assert choose_start(1.0, 1.0, np.random.default_rng(0)) == 0.0
     with pytest.raises(ValueError):
         choose_start(0.5, 1.0, np.random.default_rng(0))
+    # Snapped to the source's frame grid (25 fps): every start is a frame's start time, all of them reachable.
+    snapped = [choose_start(2.0, 1.96, np.random.default_rng(s), frame_rate=25.0) for s in range(50)]
+    assert set(snapped) <= {0.0, 0.04}
+    frames = [choose_start(3.0, 1.0, np.random.default_rng(s), frame_rate=25.0) * 25 for s in range(200)]
+    assert np.allclose(frames, np.round(frames)) and len(set(np.round(frames))) > 30
 
 
 def test_resize_crop_covers_and_crops():
