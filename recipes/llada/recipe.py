@@ -51,6 +51,7 @@ class SFTConfig:
     supervise_padding: bool = True  # LLaDA: the EOS padding after an answer is supervised too
     normalize: Literal["answer_length", "token"] = "answer_length"  # per sample (LLaDA) or per token (SMDM)
     prompt_dropout: float = 0.0  # rows whose prompt is masked out: the unconditional model for CFG
+    random_length: bool = False  # hide a random tail of each row's EOS padding (objectives.random_visible)
 
 
 @dataclass

@@ -223,6 +223,9 @@ class VideoAudioRecipe(Recipe):
         if vae.cfg.latent_channels != cfg.model.video_channels:
             raise ConfigError(f"model.video_channels={cfg.model.video_channels} but the video VAE at {cfg.vae.path} "
                               f"has {vae.cfg.latent_channels} latent channels")
+        if vae.cfg.compression[0] != cfg.model.temporal_compression:
+            raise ConfigError(f"model.temporal_compression={cfg.model.temporal_compression} but the video VAE at "
+                              f"{cfg.vae.path} compresses time {vae.cfg.compression[0]}x: token times would be wrong")
         return {"vae": vae, "audio_vae": audio_vae}
 
     def build_data(self, cfg: JointRunConfig, split: str, rank: int, world: int, batch_multiple: int = 1):

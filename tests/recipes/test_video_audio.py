@@ -113,7 +113,8 @@ def test_resume_is_exact_and_samples_every_mode_through_the_cli(flash_beep, vaes
 def test_vaes_that_do_not_fit_are_config_errors(flash_beep, vaes, tmp_path):
     for bad, message in ((f"audio_vae.path={vaes['video']}", "not an audio_vae"),
                          ("model.audio_channels=4", "model.audio_channels=4"),
-                         ("model.audio_latent_rate=50", "model.audio_latent_rate=50")):
+                         ("model.audio_latent_rate=50", "model.audio_latent_rate=50"),
+                         ("model.temporal_compression=4", "compresses time 1x")):
         args = [*joint_args(flash_beep, vaes, tmp_path / "bad"), "train.steps=1", bad]
         if bad.startswith("model.audio_latent_rate"):
             args.append("data.buckets=['32x32x9:2']")

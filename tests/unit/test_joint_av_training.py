@@ -143,7 +143,9 @@ def _events(b: int, g: torch.Generator):
 
 def _video_to_audio_offsets_ms(shared: bool, steps: int = 300) -> torch.Tensor:
     """Train a small joint model on _events, then generate audio from held-out videos: |onset error| in ms."""
-    cfg, _ = load_run_config(PRESET, [*SMALL, f"model.shared_time_rope={str(shared).lower()}", "joint.clean_video=0.5",
+    # The causal 4x-in-time VAE's layout (latent k = frames 4k-3..4k), as in the big presets.
+    cfg, _ = load_run_config(PRESET, [*SMALL, "model.temporal_compression=4", "model.video_patch=[1,2,2]",
+                                      f"model.shared_time_rope={str(shared).lower()}", "joint.clean_video=0.5",
                                       "joint.clean_audio=0", "joint.independent=0", "joint.modality_dropout=0",
                                       "diffusion.caption_dropout=0"], 1)
     torch.manual_seed(0)

@@ -16,7 +16,8 @@ def cfg(**sft):
         model=SimpleNamespace(mask_id=MASK),
         objective=SimpleNamespace(eps=1e-3, antithetic=False),
         data=SimpleNamespace(doc_attention=False),
-        sft=SimpleNamespace(**{"supervise_padding": True, "normalize": "answer_length", "prompt_dropout": 0.0, **sft}),
+        sft=SimpleNamespace(**{"supervise_padding": True, "normalize": "answer_length", "prompt_dropout": 0.0,
+                               "random_length": False, **sft}),
     )
 
 
@@ -30,11 +31,12 @@ def batch():
 class Recorder(torch.nn.Module):
     def __init__(self, vocab=32):
         super().__init__()
-        self.vocab, self.inputs = vocab, []
+        self.vocab, self.inputs, self.masks = vocab, [], []
         self.bias = torch.nn.Parameter(torch.zeros(vocab))
 
-    def forward(self, ids, **_):
+    def forward(self, ids, key_padding_mask=None, **_):
         self.inputs.append(ids.clone())
+        self.masks.append(key_padding_mask)
         return torch.zeros(*ids.shape, self.vocab) + self.bias
 
 
@@ -95,3 +97,31 @@ def test_sft_loss_is_finite_and_has_gradients(normalize):
     loss, metrics = objectives.masked_sft(cfg(normalize=normalize), model, batch(), torch.Generator().manual_seed(1))
     loss.backward()
     assert torch.isfinite(loss) and model.bias.grad.abs().sum() > 0 and 0 < metrics["mask_rate"] <= 1
+
+
+def test_random_length_hides_a_tail_of_the_padding_from_attention_and_loss():
+    from framework.nn.llada import LladaModel, LladaModelConfig
+
+    b, recorder = batch(), Recorder()
+    for seed in range(200):
+        objectives.masked_sft(cfg(random_length=True), recorder, b, torch.Generator().manual_seed(seed))
+    lengths = torch.stack([m.sum(dim=1) for m in recorder.masks])  # (runs, B) visible lengths
+    lo = b["prompt_len"] + b["answer_len"]
+    assert torch.equal(lengths.min(0).values, lo) and (lengths.max(0).values == 10).all()  # both ends reached
+    assert all(torch.equal(m, torch.arange(10)[None, :] < n[:, None]) for m, n in zip(recorder.masks, lengths))
+    # A real model: what lies past a row's visible length changes neither its logits nor the loss.
+    torch.manual_seed(0)
+    model = LladaModel(LladaModelConfig(vocab_size=32, dim=32, n_layers=1, n_heads=2, ffn_hidden=64,
+                                        max_seq_len=16, mask_id=MASK))
+    other = dict(b, input_ids=b["input_ids"].clone())
+    other["input_ids"][:, -1] = 30  # always hidden unless a row keeps all 10 positions
+    compared = 0
+    for seed in range(20):
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        visible = objectives.random_visible(b, torch.Generator().manual_seed(seed))
+        loss, _ = objectives.masked_sft(cfg(random_length=True), model, b, g1)
+        loss_other, _ = objectives.masked_sft(cfg(random_length=True), model, other, g2)
+        if not visible[:, -1].any():
+            torch.testing.assert_close(loss, loss_other)
+            compared += 1
+    assert compared >= 5
