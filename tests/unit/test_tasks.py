@@ -131,3 +131,22 @@ def test_bad_arguments_are_named(tmp_path):
     run = subprocess.run([sys.executable, "data/make_tasks.py", "--out", str(tmp_path), "--tasks", "mul"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "error: --tasks 'mul'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_fixed_width_addition_pads_operands_and_sum(tmp_path):
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        r = make_task("add", rng, max_digits=3, fixed_width=True)
+        a, b = re.fullmatch(r"add (\d{3}) \+ (\d{3}) =", r["prompt"]).groups()
+        assert re.fullmatch(r"\d{4}", r["response"]) and int(r["response"]) == int(a) + int(b)
+    out = subprocess.run([sys.executable, "data/make_tasks.py", "--out", str(tmp_path / "t"), "--train", "300",
+                          "--val", "20", "--min-items", "5", "--max-items", "5", "--fixed-width"],
+                         cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in (tmp_path / "t" / "train.jsonl").read_text().splitlines()]
+    assert json.loads((tmp_path / "t" / "tasks.json").read_text())["fixed_width"] is True
+    for r in records:
+        if r["task"] == "add":
+            assert len(r["response"]) == 4
+        else:
+            assert len(r["response"].split()) == 5
