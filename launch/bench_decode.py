@@ -6,7 +6,8 @@
 Decoders (generation length 256 by default, blocks of 32):
   reference        LLaDA's sampler, one token per step (steps = gen_length), low-confidence remasking
   threshold        commit every masked token of the block with confidence >= tau (at least one)
-  threshold+prefix the same with Fast-dLLM's prefix KV cache, refreshed at each block boundary
+  threshold+prefix the same with Fast-dLLM's prefix KV cache, refreshed at each block boundary (and every
+                   --refresh-every steps inside a block)
   threshold+dual   the same with the prefix and suffix cached (Fast-dLLM's dual cache)
   ar               the autoregressive twin, greedy with a KV cache
 Speed is counted honestly: tokens generated up to and including each row's first EOS (prompt
@@ -68,8 +69,10 @@ def variants(args: argparse.Namespace) -> dict[str, DecodeConfig | None]:
     out: dict[str, DecodeConfig | None] = {
         "reference": DecodeConfig(**common, steps=args.gen_length),
         "threshold": DecodeConfig(**common, threshold=args.threshold),
-        "threshold+prefix": DecodeConfig(**common, threshold=args.threshold, cache="prefix"),
-        "threshold+dual": DecodeConfig(**common, threshold=args.threshold, cache="dual"),
+        "threshold+prefix": DecodeConfig(**common, threshold=args.threshold, cache="prefix",
+                                         refresh_every=args.refresh_every),
+        "threshold+dual": DecodeConfig(**common, threshold=args.threshold, cache="dual",
+                                       refresh_every=args.refresh_every),
     }
     if args.ar or args.random_shape:
         out["ar"] = None
@@ -136,7 +139,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def print_report(report: dict, args: argparse.Namespace) -> None:
     print(f"decode benchmark: {args.prompts} prompts, gen_length {args.gen_length}, block {args.block_length}, "
-          f"threshold {args.threshold}, batch {args.batch_size}, device {args.device}")
+          f"threshold {args.threshold}, cache refresh every {args.refresh_every or 'block'} steps, "
+          f"batch {args.batch_size}, device {args.device}")
     print(f"{'decoder':<18}{'tokens/s':>10}{'speed-up':>10}{'exact match':>13}{'forwards':>10}{'tokens':>8}")
     for name, r in report.items():
         acc = "-" if r["exact_match"] is None else f"{100 * r['exact_match']:.1f}%"
@@ -153,6 +157,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-length", type=int, default=256)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--refresh-every", type=int, default=0,
+                   help="cached decoders also refresh the cache every this many steps inside a block (0: never)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="random-shape models in bf16 (GPU)")

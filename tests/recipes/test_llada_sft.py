@@ -66,9 +66,9 @@ def test_ar_twin_and_the_decode_benchmark(tasks, tmp_path):
     report = tmp_path / "decode.json"
     bench = subprocess.run([sys.executable, "launch/benchmark.py", "decode", "--masked", str(masked), "--ar", str(ar),
                             "--prompts", "6", "--gen-length", "32", "--block-length", "16", "--batch-size", "3",
-                            "--out", str(report)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+                            "--refresh-every", "2", "--out", str(report)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert bench.returncode == 0, bench.stderr[-4000:]
-    assert "speed-up" in bench.stdout
+    assert "speed-up" in bench.stdout and "cache refresh every 2 steps" in bench.stdout
     result = json.loads(report.read_text())
     assert set(result) == {"reference", "threshold", "threshold+prefix", "threshold+dual", "ar"}
     assert result["reference"]["speedup_vs_reference"] == 1.0
