@@ -1,6 +1,7 @@
 """Audio-video sync of generated samples: a joint run with the shared temporal RoPE band against its ablation.
 
     python launch/benchmark.py av-sync --shared RUN --ablation RUN [--samples 48] [--seed 0] [--json OUT]
+        [--set sample.KEY=VALUE ...]
 
 Both runs sample the same prompts (their sample.prompts, cycled) from the same seeds in joint mode, and
 in video_to_audio mode give sound to the same held-out videos; `recipes/video_audio/sync.py` scores every
@@ -27,10 +28,11 @@ from recipes.video_audio.sync import sync_report
 from recipes.video_common import video_stream, video_tensor
 
 
-def generated_sync(path: str, samples: int, seed: int, batch: int, mode: str) -> tuple[dict, dict]:
+def generated_sync(path: str, samples: int, seed: int, batch: int, mode: str,
+                   overrides: list[str]) -> tuple[dict, dict]:
     """(sync report of `samples` clips the run generates in `mode`, its config summary). joint: from the
     preset's prompts, cycled; video_to_audio: sound for the first held-out clips' videos (their captions)."""
-    run = load_trained(path, [f"sample.mode={mode}"])
+    run = load_trained(path, [*overrides, f"sample.mode={mode}"])
     cfg, recipe = run.cfg, run.recipe
     model = run.model.eval()
     helpers = {k: v.eval() for k, v in recipe.build_helpers(cfg).items()}
@@ -44,8 +46,10 @@ def generated_sync(path: str, samples: int, seed: int, batch: int, mode: str) ->
             part = None if given is None else {k: v[lo:lo + batch] for k, v in given.items()}
             videos, waves = recipe.generate(model, helpers, cfg, prompts[lo:lo + batch], seed + lo, part)
             clips += [(to_uint8(v), w.numpy()) for v, w in zip(videos, waves)]
+    s = cfg.sample
     info = {"run": path, "step": run.meta["step"], "ema": run.ema, "shared_time_rope": cfg.model.shared_time_rope,
-            "sample_steps": cfg.sample.steps, "mode": mode}
+            "mode": mode, "sample_steps": s.steps, "cfg_scale": s.cfg_scale, "audio_cfg_scale": s.audio_cfg_scale,
+            "cross_cfg_scale": s.cross_cfg_scale}
     return sync_report(clips, cfg.data.fps, cfg.data.audio_rate), info
 
 
@@ -85,6 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--modes", default="joint,video_to_audio",
                    help="comma-separated: joint (text -> both), video_to_audio (held-out videos -> sound)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="sampling override for both runs, e.g. sample.cross_cfg_scale=[1.0,2.0] (repeatable)")
     p.add_argument("--json", help="also write the results here")
 
 
@@ -100,7 +106,7 @@ def main(args: argparse.Namespace) -> None:
     results["dataset"], results["vae_round_trip"] = reference_sync(args.shared, args.samples)
     for mode in args.modes.split(","):
         for name, path in (("shared", args.shared), ("ablation", args.ablation)):
-            report, info = generated_sync(path, args.samples, args.seed, args.batch, mode)
+            report, info = generated_sync(path, args.samples, args.seed, args.batch, mode, args.set)
             results[f"{name}_{mode}"] = {**report, **info}
     print(f"av-sync: {args.samples} samples per run and mode, seeds from {args.seed}, {time.time() - start:.0f} s")
     for name, r in results.items():

@@ -128,13 +128,15 @@ def test_av_sync_benchmark_compares_the_shared_band_with_its_ablation(flash_beep
         cli("launch/train.py", *joint_args(flash_beep, vaes, tmp_path / name, "train.steps=2", "train.global_batch=2",
                                            f"model.shared_time_rope={shared}"))
     out = cli("launch/benchmark.py", "av-sync", "--shared", str(tmp_path / "shared"), "--ablation",
-              str(tmp_path / "ablation"), "--samples", "2", "--json", str(tmp_path / "sync.json"))
+              str(tmp_path / "ablation"), "--samples", "2", "--json", str(tmp_path / "sync.json"),
+              "--set", "sample.cross_cfg_scale=[1.0,2.0]")
     assert "joint: ablation / shared median |offset|" in out.stdout
     assert "video_to_audio: ablation / shared median |offset|" in out.stdout
     result = json.loads((tmp_path / "sync.json").read_text())
     for mode in ("joint", "video_to_audio"):
         assert result[f"shared_{mode}"]["shared_time_rope"] and not result[f"ablation_{mode}"]["shared_time_rope"]
         assert result[f"shared_{mode}"]["clips"] == 2 and result[f"shared_{mode}"]["mode"] == mode
+        assert result[f"ablation_{mode}"]["cross_cfg_scale"] == [1.0, 2.0]
     assert result["dataset"]["clips"] == 2 and result["vae_round_trip"]["clips"] == 2
     # The held-out files themselves are in sync to the sample (the generator's beeps start on their flashes).
     assert result["dataset"]["median_abs_offset_ms"] < 1.0 and result["dataset"]["within_40ms"] == 1.0
