@@ -57,8 +57,12 @@ def init(timeout_minutes: float = 30.0) -> None:
 
 
 def shutdown() -> None:
-    """Tear the process group down (NCCL warns about leaked resources otherwise)."""
+    """Tear the process group down (NCCL warns about leaked resources otherwise). The barrier first lets every
+    rank finish its last collectives: a rank that destroyed its group while another still had Gloo work in
+    flight aborted once at exit ("terminate called without an active exception", CI under load)."""
     if torch.distributed.is_initialized():
+        if world() > 1:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
