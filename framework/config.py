@@ -37,6 +37,11 @@ class TrainConfig:
     # Start a fresh run from these weights: a checkpoint or run dir, a safetensors export, or what the recipe
     # adds (LLaDA: a Hugging Face folder). Ignored when resuming from the run's own checkpoint: resume wins.
     init_from: str = ""
+    # Stop (naming the step) after this many consecutive optimizer steps with a non-finite loss or grad norm;
+    # a non-finite model is never saved.
+    max_bad_steps: int = 3
+    # A collective that waits longer than this (a frozen or dead rank) ends the run with a message.
+    collective_timeout_minutes: float = 10.0
 
 
 @dataclass
