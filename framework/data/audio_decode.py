@@ -7,6 +7,9 @@ the audio stream's own start time, so a track that starts late, or a container t
 (Matroska, MPEG-TS), stays in sync. A file without a video stream (a KEY.flac / KEY.wav sidecar) starts at
 its own start time: its first sample plays with the video's first frame.
 
+Damaged input costs only what is damaged: a packet the decoder refuses (a corrupt frame of an AC3 track) is left
+out and the window's mask cleared over its span, instead of failing the whole clip.
+
 PyAV only: decord's AVReader leaks memory.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -26,6 +30,11 @@ MISSING_AUDIO = ("skip", "silent")
 # before the window. Windows starting earlier than this decode from the beginning.
 _PREROLL = 0.5
 _TAIL = 0.05  # seconds decoded past the window: the resampler's filter looks a few samples ahead
+# Frame timestamps off by less than this from where the previous frame ended are muxer/codec jitter (MP3 in mp4 or
+# mkv wobbles by +-35 samples, ~0.8 ms at 44.1 kHz), not gaps: the audio is appended contiguously. Re-placing by
+# each jittered timestamp restarted the resampler every frame and left ~12-sample holes of zeros. At most this
+# much real offset can be absorbed: a tenth of a frame at 25 fps.
+_JITTER = 0.004
 
 
 class NoAudioError(CorruptVideoError):
@@ -54,6 +63,12 @@ def _clip_origin(data: bytes, container: av.container.InputContainer) -> float |
     raise CorruptVideoError("video stream has no frame with a timestamp")
 
 
+def tolerance(time_base: float, sample_rate: int) -> float:
+    """Seconds a frame's timestamp may be off from the previous frame's end and still count as contiguous:
+    jitter (_JITTER), or one tick of the time base plus one sample where the time base is coarser."""
+    return max(_JITTER, time_base + 1 / sample_rate)
+
+
 class _Placer:
     """Writes resampled audio into the window. Each run of contiguous input frames (a segment) gets its own
     resampler, anchored at its first frame's time: libswresample adds no delay (its output sample k is the
@@ -61,8 +76,8 @@ class _Placer:
     lands at window index round((anchor - start) * rate) + k: the nearest sample, within half a sample (31 us
     at 16 kHz; a window decoded after a seek may differ from one decoded from the beginning by that much phase
     when the rates differ). A gap, an overlap or a format change in the input (frames whose time is off from
-    the previous frame's end by more than one tick of the time base plus one sample) flushes the resampler and
-    starts a new segment, so both sides keep their own times."""
+    the previous frame's end by more than `tolerance`) flushes the resampler and starts a new segment, so both
+    sides keep their own times; smaller deviations are timestamp jitter and the frame is appended."""
 
     def __init__(self, samples: np.ndarray, valid: np.ndarray, start: float, rate: int) -> None:
         self.samples, self.valid, self.start, self.rate = samples, valid, start, rate
@@ -71,9 +86,9 @@ class _Placer:
         self.base = self.done = 0
         self.expected = 0.0  # clip time right after the previous frame
 
-    def add(self, frame: av.AudioFrame, t: float, tolerance: float) -> None:
+    def add(self, frame: av.AudioFrame, t: float, slack: float) -> None:
         key = (frame.format.name, frame.layout.name, frame.sample_rate)
-        if self.resampler is None or key != self.key or abs(t - self.expected) > tolerance:
+        if self.resampler is None or key != self.key or abs(t - self.expected) > slack:
             self.flush()
             layout = LAYOUTS[self.samples.shape[0]]
             self.resampler = av.AudioResampler(format="fltp", layout=layout, rate=self.rate)
@@ -82,6 +97,12 @@ class _Placer:
         self.expected += frame.samples / frame.sample_rate
         for out in self.resampler.resample(frame):
             self._put(out)
+
+    def skip(self, until: float) -> None:
+        """A refused packet covered clip time up to `until`: end the segment there (the audio after it is not
+        contiguous with the audio before); a frame without a timestamp after it is placed at `until`."""
+        self.flush()
+        self.expected = max(self.expected, until)
 
     def flush(self) -> None:
         if self.resampler is not None:
@@ -99,8 +120,33 @@ class _Placer:
             self.valid[a:b] = True
 
 
+def _clip_time(pts: int, tb: Fraction, origin: float | None) -> tuple[float, float]:
+    """(clip time of a timestamp, origin): with no origin yet, the first timestamp read is time 0."""
+    origin = float(pts * tb) if origin is None else origin
+    return float(pts * tb) - origin, origin
+
+
+def _decode_packet(packet: av.Packet) -> list[av.AudioFrame] | None:
+    """The packet's frames; None when the decoder refuses the packet (corrupt data): it is left out and the
+    decoder goes on with the next one, as players do (a refused end-of-stream flush only loses the tail)."""
+    try:
+        return packet.decode()
+    except av.FFmpegError:
+        return None
+
+
+def _clear(samples: np.ndarray, valid: np.ndarray, spans: list[tuple[float, float]], start: float,
+           rate: int) -> None:
+    """Zero the samples and the mask over each (t0, t1) clip-time span."""
+    for t0, t1 in spans:
+        a, b = max(round((t0 - start) * rate), 0), min(round((t1 - start) * rate), valid.size)
+        if a < b:
+            samples[:, a:b] = 0.0
+            valid[a:b] = False
+
+
 def _decode(data: bytes, start: float, n: int, rate: int, channels: int, seek: float | None) -> tuple:
-    """(samples, valid, clip time of the first decoded frame: None when there was none)."""
+    """(samples, valid, clip time of the first decoded frame: None when there was none, packets refused)."""
     samples, valid = np.zeros((channels, n), np.float32), np.zeros(n, bool)
     end = start + n / rate
     with av.open(io.BytesIO(data), mode="r") as container:
@@ -114,19 +160,31 @@ def _decode(data: bytes, start: float, n: int, rate: int, channels: int, seek: f
                 container.seek(math.floor((seek + origin) / tb), stream=stream)
             except av.FFmpegError:
                 pass  # decode from the beginning: slower, never wrong
-        placer, first = _Placer(samples, valid, start, rate), None
-        for frame in container.decode(stream):
-            if frame.pts is None:  # a raw stream without timestamps: continue where the last frame ended
+        placer, first, bad, done = _Placer(samples, valid, start, rate), None, [], False
+        for packet in container.demux(stream):
+            frames = _decode_packet(packet)
+            if frames is None:
                 t = placer.expected
-            else:
-                origin = float(frame.pts * tb) if origin is None else origin
-                t = float(frame.pts * tb) - origin
-            first = t if first is None else first
-            placer.add(frame, t, float(tb) + 1 / frame.sample_rate)
-            if t >= end + _TAIL:
+                if packet.pts is not None:
+                    t, origin = _clip_time(packet.pts, tb, origin)
+                bad.append((t, t + float((packet.duration or 0) * tb)))
+                placer.skip(bad[-1][1])
+                done = t >= end + _TAIL
+            for frame in frames or ():
+                t = placer.expected  # a raw stream without timestamps: continue where the last frame ended
+                if frame.pts is not None:
+                    t, origin = _clip_time(frame.pts, tb, origin)
+                first = t if first is None else first
+                placer.add(frame, t, tolerance(float(tb), frame.sample_rate))
+                done = t >= end + _TAIL
+                if done:
+                    break
+            if done:
                 break
         placer.flush()
-    return samples, valid, first
+    # A demuxer's parser may merge a corrupt frame into its neighbour: then both spans end up masked.
+    _clear(samples, valid, bad, start, rate)
+    return samples, valid, first, len(bad)
 
 
 def decode_audio_window(data: bytes, start: float, duration: float, rate: int,
@@ -135,9 +193,9 @@ def decode_audio_window(data: bytes, start: float, duration: float, rate: int,
 
     Returns samples (channels, round(duration * rate)) float32 and valid (round(duration * rate),) bool:
     sample i is the audio at start + i / rate; where the file has no audio (before the track starts, after it
-    ends, in gaps) samples are 0 and valid is False. Mono and stereo are mixed by libswresample. Raises
-    NoAudioError when the file has no audio stream or no audio frame, CorruptVideoError when it cannot be
-    decoded.
+    ends, in gaps, over a corrupt packet the decoder refused) samples are 0 and valid is False. Mono and
+    stereo are mixed by libswresample. Raises NoAudioError when the file has no audio stream or no audio frame,
+    CorruptVideoError when it cannot be decoded (also when the decoder refused every packet it was given).
     """
     if rate <= 0 or channels not in LAYOUTS or duration <= 0 or start < 0:
         raise ValueError(f"need rate > 0, channels in {tuple(LAYOUTS)}, duration > 0 and start >= 0; got rate "
@@ -147,13 +205,15 @@ def decode_audio_window(data: bytes, start: float, duration: float, rate: int,
         # Seeking saves decoding the audio before the window (AAC decodes at ~1000x real time: it matters for
         # minutes-long files only). A demuxer may land after the target: then decode from the beginning.
         seek = start - _PREROLL if start > 2 * _PREROLL else None
-        samples, valid, first = _decode(data, start, n, rate, channels, seek)
+        samples, valid, first, refused = _decode(data, start, n, rate, channels, seek)
         if seek is not None and (first is None or first > seek + 1e-6):
-            samples, valid, first = _decode(data, start, n, rate, channels, None)
+            samples, valid, first, refused = _decode(data, start, n, rate, channels, None)
     except CorruptVideoError:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
         raise CorruptVideoError(f"pyav audio: {type(e).__name__}: {e}") from None
+    if first is None and refused:
+        raise CorruptVideoError(f"pyav audio: the decoder refused all {refused} audio packets it was given")
     if first is None:
         raise NoAudioError("audio stream has no decodable frame")
     return samples, valid

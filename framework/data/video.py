@@ -31,6 +31,8 @@ from framework.data.video_decode import CorruptVideoError, choose_start, clip_ti
 FORMAT = "video-v1"
 MIN_SEEN = 20  # clips seen before max_skip_fraction is enforced: one early failure must not stop a run
 _KEEP_SKIPPED = 100  # failed clips remembered by name (the state dict stays small on a long run)
+_MIN_DRAWS = 16  # replacement clips tried, at least, for a batch whose every clip failed
+_SURE = 1e-9  # give up drawing once this many failures in a row would be this unlikely within max_skip_fraction
 _CHECKED = ("world", "rank", "seed", "fps", "batch_multiple", "buckets", "num_shards")
 _ITEM_FIELDS = ("key", "width", "height", "duration", "offset", "size")
 AUDIO_SUFFIXES = ("flac", "wav")  # a separate audio track KEY.flac / KEY.wav (as data/video_shards.py writes it)
@@ -41,6 +43,17 @@ Plan = list[tuple[int, list[tuple[int, int]]]]  # per batch: (bucket id, [(shard
 def key_seed(key: str) -> int:
     """A stable 63-bit integer for a sample key (Python's hash() differs between processes)."""
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def max_draws(max_skip_fraction: float) -> int | None:
+    """How many replacement clips a batch whose every clip failed may draw (None: all the candidates). With at
+    most max_skip_fraction = f of the clips unreadable, d draws all fail with probability f ** d: stop once that
+    is below _SURE, since the run is then surely over its limit (the stream stops it), not unlucky."""
+    if max_skip_fraction >= 1.0:
+        return None
+    if max_skip_fraction <= 0.0:
+        return _MIN_DRAWS
+    return max(_MIN_DRAWS, math.ceil(math.log(_SURE) / math.log(max_skip_fraction)))
 
 
 def pick_caption(captions: list[str], seed: int, epoch: int, key: str) -> str:
@@ -104,15 +117,17 @@ def _audio_span(path: Path, item: dict) -> tuple[int, int] | None:
 
 class _EpochBatches(Dataset):
     """Map-style view of one epoch's planned batches from `start` on; item i is a whole decoded batch plus
-    "skipped": the (shard, key, reason) of clips that failed and were replaced (and, with audio, "no_audio": the
-    keys of clips kept silent)."""
+    "skipped": the (shard, key, reason) of clips that failed and were replaced, "drawn": how many replacement
+    clips were tried, "candidates": how many there were (and, with audio, "no_audio": the keys of clips kept
+    silent)."""
 
     def __init__(self, root: Path, shards: list[dict], buckets: list[Bucket], plan: Plan, start: int, fps: float,
                  seed: int, epoch: int, random_crop: bool, dtype: torch.dtype, audio_rate: int = 0,
-                 audio_channels: int = 1, missing_audio: str = "silent") -> None:
+                 audio_channels: int = 1, missing_audio: str = "silent", draws: int | None = _MIN_DRAWS) -> None:
         self.root, self.shards, self.buckets, self.plan, self.start = root, shards, buckets, plan, start
         self.fps, self.seed, self.epoch, self.random_crop, self.dtype = fps, seed, epoch, random_crop, dtype
         self.audio_rate, self.audio_channels, self.missing_audio = audio_rate, audio_channels, missing_audio
+        self.draws = draws
 
     def __len__(self) -> int:
         return len(self.plan) - self.start
@@ -171,24 +186,41 @@ class _EpochBatches(Dataset):
             n = window_samples(bucket.seconds(self.fps), self.audio_rate)
             audio = _batch_tensor((len(refs), self.audio_channels, n), torch.float32)
             mask = _batch_tensor((len(refs), n), torch.bool)
-        captions: list[str | None] = []
         failed = []  # (shard path, key, reason); the main process warns and counts
         silent = []  # keys of clips without audio, kept silent
-        for k, ((s, j), key) in enumerate(zip(refs, keys)):
+
+        def attempt(k: int, ref: tuple[int, int]) -> str | None:
+            """Load clip ref into slot k: its caption, or None (recorded in failed) when it cannot be loaded."""
+            s, j = ref
+            key = self.shards[s]["items"][j]["key"]
             try:
                 caption, had_audio = self.load(s, j, bucket, video[k], None if audio is None else (audio[k], mask[k]))
-                captions.append(caption)
-                if not had_audio:
-                    silent.append(key)
             except (CorruptVideoError, CorruptShardError, OSError) as e:
-                captions.append(None)
                 failed.append((self.shards[s]["path"], key, getattr(e, "reason", str(e))))
+                return None
+            if not had_audio:
+                silent.append(key)
+            return caption
+
+        captions = [attempt(k, ref) for k, ref in enumerate(refs)]
+        candidates, drawn = [], 0
+        if not any(c is not None for c in captions):
+            # Nothing to fill the batch from (batch size 1: one bad file): draw other clips of the bucket instead,
+            # in a seeded order, so resume stays exact; the batch count is unchanged, so ranks stay in step.
+            candidates = self.candidates(self.start + i)
+            for ref in candidates[:self.draws]:
+                drawn += 1
+                captions[0] = attempt(0, ref)
+                if captions[0] is not None:
+                    keys[0] = self.shards[ref[0]]["items"][ref[1]]["key"]
+                    break
         good = [k for k, c in enumerate(captions) if c is not None]
         extra = {} if audio is None else {"audio": audio, "audio_mask": mask, "audio_rate": self.audio_rate,
                                           "no_audio": silent}
+        tally = {"skipped": failed, "drawn": drawn, "candidates": len(candidates)}
         if not good:
-            return {"video": None, "caption": [], "key": keys, "bucket": bucket_id, "fps": self.fps,
-                    "skipped": failed, **extra}
+            return {"video": None, "caption": [], "key": keys, "bucket": bucket_id, "fps": self.fps, **tally,
+                    **extra}
         # A failed clip takes the next good clip of its batch: batches never shrink, so ranks never desync.
         src = [k if captions[k] is not None else next((g for g in good if g > k), good[0]) for k in range(len(refs))]
         for k, g in enumerate(src):
@@ -197,7 +229,29 @@ class _EpochBatches(Dataset):
                     if t is not None:
                         t[k].copy_(t[g])
         return {"video": video, "caption": [captions[g] for g in src], "key": [keys[g] for g in src],
-                "bucket": bucket_id, "fps": self.fps, "skipped": failed, **extra}
+                "bucket": bucket_id, "fps": self.fps, **tally, **extra}
+
+    def candidates(self, index: int) -> list[tuple[int, int]]:
+        """Replacements for batch `index` of the plan: this rank's other clips of its bucket this epoch, in an
+        order seeded by (seed, epoch, batch index): a pure function of the plan, whichever worker asks."""
+        bucket_id, refs = self.plan[index]
+        pool = sorted({ref for b, batch in self.plan if b == bucket_id for ref in batch} - set(refs))
+        order = np.random.default_rng([self.seed, self.epoch, index, bucket_id]).permutation(len(pool))
+        return [pool[k] for k in order]
+
+
+def _bucket_name(bucket: Bucket) -> str:
+    return f"{bucket.height}x{bucket.width}x{bucket.frames}:{bucket.batch_size}"  # as data.buckets spells it
+
+
+def _why_no_draw(drawn: int, candidates: int, max_skip_fraction: float) -> str:
+    """The end of the error for a batch nothing could be loaded for."""
+    if candidates == 0:
+        return "and this rank has no other clip of that bucket this epoch to draw instead"
+    if drawn < candidates:
+        return (f"and so did the {drawn} clips drawn to replace them: that many failures in a row mean far more "
+                f"than max_skip_fraction={max_skip_fraction} of the data is unreadable")
+    return f"and so did all {candidates} other clips of that bucket this rank has this epoch: none is readable"
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -228,6 +282,12 @@ class VideoStream:
     sampled at t0 + i / fps, with S = round(T / fps * audio_rate) (audio_decode.decode_audio_window). A clip
     without audio is kept silent (missing_audio="silent", counted in stats["no_audio"]) or replaced like a
     corrupt one ("skip").
+
+    A clip that cannot be loaded is replaced by another clip of its batch; when none of the batch loads (batch
+    size 1: one bad file) clips drawn from this rank's other clips of the bucket this epoch, in a seeded order,
+    take its place. Either way the batch keeps its size and ranks stay in step. stats["skipped"] counts the
+    failures and stats["seen"] every clip tried (draws included); the stream raises when more than
+    max_skip_fraction of those failed (after MIN_SEEN clips), or when no clip could be found for a batch.
     """
 
     def __init__(self, data_dir: str | Path, buckets: list[Bucket], rank: int, world: int, seed: int, fps: float,
@@ -309,7 +369,8 @@ class VideoStream:
     def _dataset(self, epoch: int, start: int) -> _EpochBatches:
         return _EpochBatches(self.root, self.shards, self.buckets, self._plan(epoch), start, self.fps, self.seed,
                              epoch, self.random_crop, torch.uint8 if self.uint8 else torch.float32,
-                             self.audio_rate, self.audio_channels, self.missing_audio)
+                             self.audio_rate, self.audio_channels, self.missing_audio,
+                             max_draws(self.max_skip_fraction))
 
     def planned_clips(self, epoch: int, start: int, count: int) -> list[tuple[Path, str, int, int, np.ndarray]]:
         """(shard file, key, mp4 offset, mp4 size, timestamps (T,)) of each clip of `count` batches from `start`."""
@@ -363,22 +424,29 @@ class VideoStream:
         self._batch += 1
         if self._batch >= len(self._plan(self._epoch)):
             self.start_epoch(self._epoch + 1)
-        self._account(batch.pop("skipped"), batch, batch.pop("no_audio", None))
+        tally = batch.pop("skipped"), batch.pop("drawn"), batch.pop("candidates")
+        self._account(batch, *tally, batch.pop("no_audio", None))
         return batch
 
-    def _account(self, failed: list[tuple[str, str, str]], batch: dict, silent: list[str] | None) -> None:
-        self.stats["seen"] += len(batch["key"])
+    def _account(self, batch: dict, failed: list[tuple[str, str, str]], drawn: int, candidates: int,
+                 silent: list[str] | None) -> None:
+        """Count the batch's clips (seen: every clip tried, replacement draws included) and failures; raise when
+        nothing could be loaded, or when more than max_skip_fraction of the clips tried so far failed."""
+        self.stats["seen"] += len(batch["key"]) + drawn
         if silent is not None:
             self.stats["no_audio"] = self.stats.get("no_audio", 0) + len(silent)
         for shard, key, reason in failed:
             self.stats["skipped"] += 1
             self._skipped = [*self._skipped[-(_KEEP_SKIPPED - 1):], f"{shard}:{key} ({reason})"]
             if batch["video"] is not None:
+                how = "a clip drawn from the epoch's others" if drawn else "another clip of the same batch"
                 warnings.warn(f"rank {self.rank}: skipping video {key!r} of {self.root / shard}: {reason}; "
-                              f"replaced by another clip of the same batch", RuntimeWarning, stacklevel=3)
+                              f"replaced by {how}", RuntimeWarning, stacklevel=3)
         if batch["video"] is None:
-            raise RuntimeError(f"rank {self.rank}: every clip of a batch failed to load: "
-                               f"{self._skipped[-len(failed):]}")
+            raise RuntimeError(f"rank {self.rank}: every clip of a batch of bucket "
+                               f"{_bucket_name(self.buckets[batch['bucket']])} failed to load, "
+                               f"{_why_no_draw(drawn, candidates, self.max_skip_fraction)}; the latest: "
+                               f"{self._skipped[-min(len(failed), 5):]}")
         seen, skipped = self.stats["seen"], self.stats["skipped"]
         if seen >= MIN_SEEN and skipped / seen > self.max_skip_fraction:
             raise RuntimeError(f"rank {self.rank}: {skipped} of {seen} clips failed to load, more than "
