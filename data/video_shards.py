@@ -18,7 +18,11 @@ from tqdm import tqdm
 from video_probe import probe_video
 
 FORMAT = "video-v1"
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+# Files with these suffixes are videos (unreadable ones are reported); any other file is probed too, and kept
+# when PyAV finds a video of 2+ frames in it, else reported as "not a video".
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".m2v", ".ts", ".m2ts", ".mts",
+                  ".vob", ".3gp", ".flv", ".wmv", ".asf", ".ogv", ".mxf", ".dv", ".y4m")
+_NOT_MEDIA = (".txt", ".csv", ".jsonl", ".json")  # caption files: never probed, never reported
 META_FIELDS = ("fps", "frames", "width", "height", "duration", "has_audio")
 _KEY = re.compile(r"^[^./]+$")  # webdataset splits a member name at its first dot, and "/" makes a folder
 
@@ -136,6 +140,27 @@ def find_videos(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
 
 
+def find_other_files(root: Path) -> list[Path]:
+    """Files under root that find_videos leaves out, except caption files and hidden ones."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() not in VIDEO_SUFFIXES
+                  and p.suffix.lower() not in _NOT_MEDIA and not p.name.startswith("."))
+
+
+def sort_other_files(root: Path, others: list[Path], workers: int = 1) -> tuple[list[Path], dict[str, str]]:
+    """(files that are videos after all, {relative path: why not} for the rest), by probing each one."""
+    videos, left_out = [], {}
+    if not others:
+        return videos, left_out
+    for path, meta in zip(others, _probe_all(others, workers, progress=False)):
+        if isinstance(meta, str):
+            left_out[path.relative_to(root).as_posix()] = f"not a video ({meta})"
+        elif meta["frames"] < 2:
+            left_out[path.relative_to(root).as_posix()] = "a still image, not a video (1 frame)"
+        else:
+            videos.append(path)
+    return videos, left_out
+
+
 def _sidecar_captions(video: Path) -> list[str]:
     side = video.with_suffix(".txt")
     if not side.is_file():
@@ -229,11 +254,13 @@ def _probe_all(paths: list[Path], workers: int, progress: bool) -> Iterator[dict
 
 def build_video_shards(inputs: list[tuple[Path, list[str]]], out_dir: str | Path, shard_bytes: int,
                        workers: int = 1, progress: bool = True, *, root: str | Path | None = None,
-                       license: str = "unknown") -> dict:
+                       license: str = "unknown", not_videos: dict[str, str] | None = None) -> dict:
     """Probe (video path, captions) pairs and write the usable ones as shards; returns the index.
 
-    Videos without captions or that cannot be probed are left out, each reported on stderr with a reason.
-    Keys and "source" come from paths relative to root (default: the inputs' common folder).
+    Videos without captions or that cannot be probed (unreadable, truncated: see video_probe) are left out,
+    each reported on stderr with a reason, as are the files of `not_videos` ({relative path: reason}); the
+    summary line counts each kind. Keys and "source" come from paths relative to root (default: the inputs'
+    common folder).
     """
     inputs = sorted((Path(p), list(c)) for p, c in inputs)
     if root is None:
@@ -243,6 +270,10 @@ def build_video_shards(inputs: list[tuple[Path, list[str]]], out_dir: str | Path
 
     def report(rel: str, reason: str) -> None:
         tqdm.write(f"skipped {rel}: {reason}", file=sys.stderr)
+
+    not_videos = dict(not_videos or {})
+    for rel, reason in sorted(not_videos.items()):
+        report(rel, reason)
 
     captioned = []
     for (path, caps), rel, key in zip(inputs, rels, keys):
@@ -273,7 +304,7 @@ def build_video_shards(inputs: list[tuple[Path, list[str]]], out_dir: str | Path
     index = write_samples(samples(), out_dir, shard_bytes)
     n = sum(s["samples"] for s in index["shards"])
     print(f"{n} videos in {len(index['shards'])} shards; left out {bad} unreadable, "
-          f"{len(inputs) - len(captioned)} without captions", file=sys.stderr)
+          f"{len(inputs) - len(captioned)} without captions, {len(not_videos)} not videos", file=sys.stderr)
     return index
 
 
@@ -290,12 +321,14 @@ def main() -> None:
     root = Path(args.input)
     if not root.is_dir():
         raise SystemExit(f"--input {root} is not a folder")
-    videos = find_videos(root)
+    # A video is what PyAV reads as one, whatever its suffix (.mpg, .ts, no suffix ...).
+    found, not_videos = sort_other_files(root, find_other_files(root), args.workers)
+    videos = sorted(find_videos(root) + found)
     try:
         captions = read_captions(root, videos, args.captions)
         inputs = [(v, captions.get(v, [])) for v in videos]
         index = build_video_shards(inputs, args.out, int(args.shard_size_mb * 2**20), args.workers, root=root,
-                                   license=args.license)
+                                   license=args.license, not_videos=not_videos)
     except (ValueError, OSError) as e:  # a bad captions file, or no usable video at all
         raise SystemExit(f"error: {e}") from None
     n = sum(s["samples"] for s in index["shards"])

@@ -174,7 +174,8 @@ def test_video_shards_cli_keeps_good_videos_and_reports_bad_ones(tmp_path):
     assert "skipped corrupt.mp4: Invalid data" in run.stderr and "skipped truncated.mp4:" in run.stderr
     assert "skipped sub/sound.mp4: no video stream" in run.stderr
     assert "skipped uncaptioned.webm: no caption" in run.stderr
-    assert "3 videos in 1 shards; left out 3 unreadable, 1 without captions" in run.stderr
+    assert "skipped notes.md: not a video (Invalid data" in run.stderr  # other suffixes are probed, then reported
+    assert "3 videos in 1 shards; left out 3 unreadable, 1 without captions, 1 not videos" in run.stderr
     assert "wrote 3 of 7 videos" in run.stdout
     index = json.loads((out / "index.json").read_text())
     items = index["shards"][0]["items"]
