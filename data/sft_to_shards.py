@@ -1,28 +1,44 @@
 """Tokenise chat-style JSONL into webdataset SFT shards of KEY.prompt.npy + KEY.response.npy and an index.json.
 
 A record is {"prompt": str, "response": str} or {"messages": [{"role": "system"|"user"|"assistant",
-"content": str}, ...]}. A conversation gives one sample per assistant turn, its prompt made of every earlier
-turn by this template (TEMPLATE in index.json):
+"content": str}, ...]}; a prompt/response record is the chat [user prompt, assistant response]. A
+conversation gives one sample per assistant turn i, its prompt made of every earlier turn.
+
+--tokenizer is a sentencepiece PREFIX.model or a local transformers tokenizer folder (AutoTokenizer, never
+the hub). When the folder has a chat template, the template decides the tokens (LLaDA's SFT layout):
+
+- prompt = apply_chat_template(messages[:i], add_generation_prompt=True): every earlier turn as the
+  template renders it, up to and including the assistant header;
+- response = the rest of apply_chat_template(messages[:i+1]): the assistant content and the template's
+  end-of-turn token(s); a template whose rendering of messages[:i+1] does not start with that prompt
+  (e.g. one that rewrites earlier turns) makes the record bad.
+
+Otherwise (a sentencepiece model, or a folder without a chat template) the plain template (TEMPLATE in
+index.json) applies:
 
 - consecutive system/user turns are joined with a newline and encoded as one text;
 - an earlier assistant turn is encoded on its own and followed by EOS, as the model learns to end answers.
 
-So [user P, assistant R] gives exactly the tokens of {"prompt": P, "response": R}. No BOS or EOS is stored
-with a sample: the loader (framework/data/sft.py) appends the answer's EOS and pads with EOS.
+So [user P, assistant R] gives exactly the tokens of {"prompt": P, "response": R}. No BOS or EOS is added
+around a sample beyond what a chat template renders: the loader (framework/data/sft.py) appends one EOS to
+the answer and pads the row with EOS, both supervised (index.json "pad_policy"), with the tokenizer's
+eos_id stored in index.json, so training ends and pads rows with the id the tokenizer decodes as EOS.
 
-A bad record (invalid JSON, missing or mistyped keys, an empty response, no assistant turn) is reported as
-FILE:LINE and counted, and so is a sample longer than --max-len tokens (prompt + response + EOS); neither
-stops the tool.
+A bad record (invalid JSON, missing or mistyped keys, an empty response, no assistant turn, a chat
+template that fails on it) is reported as FILE:LINE and counted, and so is a sample longer than --max-len
+tokens (prompt + response + EOS); neither stops the tool.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +48,10 @@ from tqdm import tqdm
 
 FORMAT = "sft-v1"
 TEMPLATE = "system/user turns joined by newline; each earlier assistant turn followed by EOS"
+CHAT_TEMPLATE = ("tokenizer chat template (sha256 {sha}): prompt = messages[:i] with the generation prompt, "
+                 "response = the rest of messages[:i+1]")
+# How SFTStream fills a row; recorded so a reader of the index knows which id ends and pads the answers.
+PAD_POLICY = "prompt, response, then eos_id to seq_len; the first EOS and the padding are answer (supervised)"
 ROLES = ("system", "user", "assistant")
 SAMPLES_PER_SHARD = 2048  # 20000 task samples -> 10 shards: two ranks still get several each
 MAX_REPORTS = 20  # bad records printed in full by the CLI; the rest are only counted
@@ -82,20 +102,100 @@ def conversation_turns(record: object) -> list[tuple[str, str]]:
     return turns
 
 
-def encode_samples(turns: list[tuple[str, str]], sp: spm.SentencePieceProcessor) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) for each assistant turn, by the module's template."""
+Samples = list[tuple[list[int], list[int]]]  # (prompt ids, response ids), one per assistant turn
+
+
+def encode_samples(turns: list[tuple[str, str]], encode: Callable[[str], list[int]], eos_id: int) -> Samples:
+    """(prompt ids, response ids) for each assistant turn, by the plain TEMPLATE."""
     samples, prompt, pending = [], [], []  # pending: system/user texts since the last assistant turn
     for role, content in turns:
         if role != "assistant":
             pending.append(content)
             continue
         if pending:
-            prompt = prompt + sp.encode("\n".join(pending))
+            prompt = prompt + encode("\n".join(pending))
             pending = []
-        response = sp.encode(content)
+        response = encode(content)
         samples.append((prompt, response))
-        prompt = prompt + response + [sp.eos_id()]
+        prompt = prompt + response + [eos_id]
     return samples
+
+
+def chat_samples(turns: list[tuple[str, str]], tokenizer) -> Samples:
+    """(prompt ids, response ids) for each assistant turn by the transformers tokenizer's chat template:
+    prompt + response is exactly the template's rendering of the conversation up to that turn."""
+    messages = [{"role": role, "content": content} for role, content in turns]
+    samples = []
+    for i, (role, _) in enumerate(turns):
+        if role != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], generation_prompt=True)
+        full = _render(tokenizer, messages[:i + 1], generation_prompt=False)
+        if full[:len(prompt)] != prompt or len(full) == len(prompt):
+            raise BadRecord(f"the chat template's rendering of messages[:{i + 1}] does not extend its "
+                            f"rendering of messages[:{i}] with the generation prompt: turn {i} has no clean answer")
+        samples.append((prompt, full[len(prompt):]))
+    return samples
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
+                                            return_dict=False)
+    except (TemplateError, ValueError, TypeError) as e:  # e.g. raise_exception("roles must alternate")
+        raise BadRecord(f"chat template failed: {e}") from None
+    return [int(t) for t in ids]
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """What the tool needs of a tokenizer: samples of a conversation and the ids index.json records."""
+
+    samples: Callable[[list[tuple[str, str]]], Samples]
+    template: str
+    ids: dict  # tokenizer_kind, eos_id, pad_id, bos_id, mask_id, vocab_size
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A sentencepiece PREFIX.model file or a local transformers tokenizer folder."""
+    path = Path(path)
+    if path.is_dir():
+        return _transformers_tokenizer(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} does not exist (give a sentencepiece .model or a "
+                                f"transformers tokenizer folder)")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    return Tokenizer(samples=lambda turns: encode_samples(turns, sp.encode, sp.eos_id()), template=TEMPLATE,
+                     ids={"tokenizer_kind": "sentencepiece", "eos_id": sp.eos_id(), "pad_id": sp.pad_id(),
+                          "bos_id": sp.bos_id(), "mask_id": _mask_id(sp), "vocab_size": sp.get_piece_size()})
+
+
+def _transformers_tokenizer(folder: Path) -> Tokenizer:
+    # Imported only here: it takes seconds, and the sentencepiece path never needs it.
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        # transformers' messages span lines; the CLI's error stays one line.
+        raise ValueError(f"tokenizer folder {folder} is not a loadable transformers tokenizer: "
+                         f"{' '.join(str(e).split())}") from None
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer folder {folder} has no eos_token: SFT rows end and are padded with EOS, "
+                         f"so set eos_token in its tokenizer_config.json")
+    ids = {"tokenizer_kind": "transformers", "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
+           "bos_id": tok.bos_token_id, "mask_id": tok.mask_token_id, "vocab_size": len(tok)}
+    template = getattr(tok, "chat_template", None)
+    if template:  # a str, or a dict of named templates whose "default" apply_chat_template uses
+        text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+        sha = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return Tokenizer(samples=lambda turns: chat_samples(turns, tok),
+                         template=CHAT_TEMPLATE.format(sha=sha), ids=ids)
+    encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731 - plain text, no BOS/EOS
+    return Tokenizer(samples=lambda turns: encode_samples(turns, encode, tok.eos_token_id), template=TEMPLATE,
+                     ids=ids)
 
 
 def _npy_bytes(ids: list[int]) -> bytes:
@@ -157,7 +257,7 @@ def write_sft_shards(inputs: Iterable[str | Path], tokenizer: str | Path, out_di
         raise ValueError(f"max_len must be at least 2 (one response token and EOS), got {max_len}")
     files = list_jsonl(inputs)
     tokenizer, out = Path(tokenizer).resolve(), Path(out_dir)
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    tok = load_tokenizer(tokenizer)
     if report is None:
         report = _limited(_stderr, MAX_REPORTS)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,8 +266,8 @@ def write_sft_shards(inputs: Iterable[str | Path], tokenizer: str | Path, out_di
         stale.unlink(missing_ok=True)
     writer, counts = _ShardWriter(out, samples_per_shard), Counter()
     with tqdm(desc=f"sft shards {out.name}", unit="rec", disable=not progress) as bar:
-        for where, turns in _read_records(files, report, counts):
-            for turn, (prompt, response) in enumerate(encode_samples(turns, sp)):
+        for where, pairs in _read_records(files, tok.samples, report, counts):
+            for turn, (prompt, response) in enumerate(pairs):
                 length = len(prompt) + len(response) + 1
                 if max_len is not None and length > max_len:
                     report(f"{where}: sample {turn} has {length} tokens (prompt + response + EOS) > "
@@ -183,18 +283,17 @@ def write_sft_shards(inputs: Iterable[str | Path], tokenizer: str | Path, out_di
     if not writer.shards:
         raise ValueError(f"no valid samples in {[str(f) for f in files]} ({counts['bad_records']} bad records, "
                          f"{counts['too_long']} too long)")
-    index = {"format": FORMAT, "tokenizer": str(tokenizer), "template": TEMPLATE,
-             "eos_id": sp.eos_id(), "pad_id": sp.pad_id(), "bos_id": sp.bos_id(), "mask_id": _mask_id(sp),
-             "vocab_size": sp.get_piece_size(), "max_len": max_len, "records": counts["records"],
+    index = {"format": FORMAT, "tokenizer": str(tokenizer), "template": tok.template, **tok.ids,
+             "pad_policy": PAD_POLICY, "max_len": max_len, "records": counts["records"],
              "samples": counts["samples"], "bad_records": counts["bad_records"], "too_long": counts["too_long"],
              "shards": writer.shards}
     (out / "index.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     return index
 
 
-def _read_records(files: list[Path], report: Callable[[str], None],
-                  counts: Counter) -> Iterator[tuple[str, list[tuple[str, str]]]]:
-    """("FILE:LINE", turns) for every good record; bad ones are reported and counted."""
+def _read_records(files: list[Path], encode: Callable[[list[tuple[str, str]]], Samples],
+                  report: Callable[[str], None], counts: Counter) -> Iterator[tuple[str, Samples]]:
+    """("FILE:LINE", encoded samples) for every good record; bad ones are reported and counted."""
     for f in files:
         with f.open("rb") as fh:
             for n, line in enumerate(fh, 1):
@@ -202,7 +301,7 @@ def _read_records(files: list[Path], report: Callable[[str], None],
                     continue
                 counts["records"] += 1
                 try:
-                    turns = conversation_turns(json.loads(line.decode("utf-8")))
+                    pairs = encode(conversation_turns(json.loads(line.decode("utf-8"))))
                 except UnicodeDecodeError as e:
                     reason = f"not UTF-8 ({e})"
                 except json.JSONDecodeError as e:
@@ -210,7 +309,7 @@ def _read_records(files: list[Path], report: Callable[[str], None],
                 except BadRecord as e:
                     reason = str(e)
                 else:
-                    yield f"{f}:{n}", turns
+                    yield f"{f}:{n}", pairs
                     continue
                 report(f"{f}:{n}: {reason}; left out")
                 counts["bad_records"] += 1
@@ -238,7 +337,9 @@ def _limited(report: Callable[[str], None], limit: int) -> Callable[[str], None]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help=".jsonl files or folders of them")
-    ap.add_argument("--tokenizer", required=True, help="sentencepiece PREFIX.model")
+    ap.add_argument("--tokenizer", required=True,
+                    help="sentencepiece PREFIX.model, or a local transformers tokenizer folder (its chat template, "
+                         "if any, lays out the samples)")
     ap.add_argument("--out", required=True, help="output folder for shards and index.json")
     ap.add_argument("--samples-per-shard", type=int, default=SAMPLES_PER_SHARD)
     ap.add_argument("--max-len", type=int, help="leave out samples longer than N tokens (prompt + response + EOS)")
