@@ -6,24 +6,49 @@ Layout of `RUN/checkpoints/`:
         meta.json             step, world size, ZeRO stage, the resolved config
         COMPLETE              written last, after every rank finished: only such dirs count
     latest                    name of the newest COMPLETE dir, replaced atomically
-A save interrupted at any point leaves no COMPLETE file, so it is never resumed from.
+    universal/step_00000040/  DeepSpeed's universal conversion (world-size change): derived, never a checkpoint
+    abandoned/step_00000080/  checkpoints newer than an explicit `resume=` rollback, moved aside
+A save interrupted at any point leaves no COMPLETE file, so it is never resumed from. Only `step_<digits>`
+dirs directly under `checkpoints/` are checkpoints. Every `.pt` is loaded with weights_only=True (tensors,
+plain types and the few DeepSpeed classes below): a file that pickles anything else is refused unread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from framework import distributed as dist
+from framework.config import ConfigError
 
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"  # conversions for another world size, beside the checkpoints, never among them
+ABANDONED = "abandoned"  # checkpoints newer than an explicit rollback
+_TAG = re.compile(r"step_\d+")
+# torch.load honours this even over an explicit weights_only=False, which DeepSpeed passes everywhere.
+_FORCE_SAFE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+# The only non-tensor objects DeepSpeed 0.19 pickles into the files of the stages and precisions we run
+# (found with torch.serialization.get_unsafe_globals_in_checkpoint on real ZeRO 0-3 / bf16 / offload saves).
+_DEEPSPEED_TYPES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                    "deepspeed.runtime.zero.config.ZeroStageEnum",
+                    "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint file that would run code (or is not a torch zip file) when loaded: refused unread."""
 
 
 def tag_for(step: int) -> str:
@@ -37,11 +62,66 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint dirs under `root`, oldest first."""
+    """Complete checkpoint dirs under `root`, oldest first (older layouts' `step_N_universal` are not)."""
     if not root.is_dir():
         return []
-    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_") and (d / COMPLETE).exists()]
+    dirs = [d for d in root.iterdir() if d.is_dir() and _TAG.fullmatch(d.name) and (d / COMPLETE).exists()]
     return sorted(dirs, key=lambda d: d.name)
+
+
+def universal_dir(ckpt: Path) -> Path:
+    return ckpt.parent / UNIVERSAL / ckpt.name
+
+
+def _safe_types() -> list:
+    import importlib
+
+    found = []
+    for name in _DEEPSPEED_TYPES:
+        module, _, attr = name.rpartition(".")
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(getattr(importlib.import_module(module), attr))
+    return found
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """The one informative line of torch's long weights_only error (which global it refused)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else
+                type(e).__name__)
+
+
+def check_safe(folder: Path) -> None:
+    """Refuse (UnsafeCheckpointError naming the file) any `.pt` under `folder` whose pickle names a global
+    beyond tensors, plain types and _DEEPSPEED_TYPES. Reads only the pickles' opcodes, never runs them."""
+    allowed = set(_DEEPSPEED_TYPES)
+    for f in sorted(folder.rglob("*.pt")):
+        try:
+            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(f)) - allowed)
+        except Exception as e:  # not a torch zip file: the old pickle format cannot be checked unread
+            raise UnsafeCheckpointError(f"refusing to load {f}: not a torch.save zip file ({e})") from None
+        if unsafe:
+            raise UnsafeCheckpointError(f"refusing to load {f}: it pickles {', '.join(unsafe[:5])}, which could run "
+                                        f"code (checkpoints hold only tensors and plain types)")
+
+
+@contextlib.contextmanager
+def safe_loading(folder: Path) -> Iterator[None]:
+    """Check `folder`'s files, then make every torch.load inside (DeepSpeed's too) weights_only=True, with
+    DeepSpeed's few classes allowed; an unpickling error becomes UnsafeCheckpointError naming the folder."""
+    check_safe(folder)
+    old = os.environ.get(_FORCE_SAFE)
+    os.environ[_FORCE_SAFE] = "1"
+    try:
+        with torch.serialization.safe_globals(_safe_types()):
+            yield
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(f"refusing to load a file of {folder}: {_unpickling_reason(e)}") from None
+    finally:
+        if old is None:
+            os.environ.pop(_FORCE_SAFE, None)
+        else:
+            os.environ[_FORCE_SAFE] = old
 
 
 def resolve(resume: str, run_dir: str) -> Path | None:
@@ -87,7 +167,8 @@ def save(engine: Any, run_dir: str, step: int, trainer_state: dict, config: dict
         _atomic_write(root / "latest", tag)
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
+            shutil.rmtree(universal_dir(old), ignore_errors=True)
+            shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)  # older runs' layout
     dist.barrier()
     return ckpt
 
@@ -104,7 +185,13 @@ def trainer_states(ckpt: Path) -> list[dict]:
     files = sorted(ckpt.glob("trainer_rank*.pt"))
     if not files:
         raise FileNotFoundError(f"{ckpt}: no trainer_rank*.pt files")
-    return [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    out = []
+    for f in files:
+        try:
+            out.append(torch.load(f, map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(f"refusing to load {f}: {_unpickling_reason(e)}") from None
+    return out
 
 
 def needs_universal(ckpt: Path, world: int) -> bool:
@@ -114,25 +201,80 @@ def needs_universal(ckpt: Path, world: int) -> bool:
 
 
 def make_universal(ckpt: Path) -> Path:
-    """Convert (once, on rank 0; others wait) to DeepSpeed's universal format next to the checkpoint."""
-    out = ckpt.with_name(ckpt.name + "_universal")
+    """Convert (once, on rank 0; others wait) to DeepSpeed's universal format in `checkpoints/universal/`,
+    outside the checkpoint namespace: a crash before the next save leaves only the real checkpoint to resume.
+    The converter runs in a child process with every torch.load forced to weights_only=True."""
+    out = universal_dir(ckpt)
+    error = ""
     if dist.is_main() and not (out / COMPLETE).exists():
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-               "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"converting {ckpt} to a universal checkpoint failed:\n{result.stderr[-4000:]}")
-        (out / COMPLETE).write_text("")
-    dist.barrier()
+        try:
+            _convert(ckpt, out)
+        except Exception as e:  # any failure is every rank's: the others would wait for rank 0 forever
+            error = str(e) if isinstance(e, (RuntimeError, ConfigError)) else f"{type(e).__name__}: {e}"
+    errors = [error]
+    if dist.world() > 1:
+        errors = [""] * dist.world()
+        torch.distributed.all_gather_object(errors, error)
+    first = next((e for e in errors if e), "")
+    if first:  # raised on every rank, so nobody waits in a collective for rank 0
+        raise UnsafeCheckpointError(first) if "refusing to load" in first else RuntimeError(first)
     return out
 
 
+def _convert(ckpt: Path, out: Path) -> None:
+    check_safe(ckpt)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    # The converter's torch.load calls pass weights_only=False: the environment forces them safe, and the
+    # allow-list is installed before the converter's module runs (its worker processes fork from this one).
+    code = ("import runpy, sys, torch; from framework.checkpoint import _safe_types; "
+            "torch.serialization.add_safe_globals(_safe_types()); sys.argv[0] = 'ds_to_universal'; "
+            "runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__', alter_sys=True)")
+    cmd = [sys.executable, "-c", code, "--input_folder", str(ckpt), "--output_folder", str(tmp),
+           "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, _FORCE_SAFE: "1", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get(
+        "PYTHONPATH")]))}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if "Weights only load failed" in result.stderr:
+            raise UnsafeCheckpointError(f"refusing to load a file of {ckpt}: {_unpickling_reason(result.stderr)}")
+        raise RuntimeError(f"converting {ckpt} to a universal checkpoint failed:\n{result.stderr[-4000:]}")
+    (tmp / COMPLETE).write_text("")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+
+
 def load_engine(engine: Any, ckpt: Path, universal: bool) -> None:
-    """Load model + optimizer (DeepSpeed files) from a checkpoint dir (or its universal twin)."""
-    src = ckpt.with_name(ckpt.name + "_universal") if universal else ckpt
-    path, _ = engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False, load_module_strict=True)
+    """Load model + optimizer (DeepSpeed files) from a checkpoint dir (or its universal conversion), every
+    torch.load in DeepSpeed forced to weights_only=True."""
+    src = universal_dir(ckpt) if universal else ckpt
+    with safe_loading(src):
+        path, _ = engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False, load_module_strict=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {src}")
+
+
+def make_head(ckpt: Path, run_dir: str) -> list[Path]:
+    """An explicit `resume=` of an older checkpoint of this run makes it the newest: newer complete (and
+    interrupted) checkpoints move to `checkpoints/abandoned/`, so rotation and the next `resume=auto` keep the
+    rolled-back line. Rank 0 only; returns where the moved dirs went."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir() or ckpt.resolve().parent != root.resolve():
+        return []
+    newer = [d for d in root.iterdir() if d.is_dir() and _TAG.fullmatch(d.name) and d.name > ckpt.name]
+    moved = []
+    for d in sorted(newer):
+        dest = root / ABANDONED / d.name
+        if dest.exists():  # rolled back past this step before: keep both
+            dest = dest.with_name(f"{d.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(d, dest)
+        shutil.rmtree(universal_dir(d), ignore_errors=True)
+        moved.append(dest)
+    if moved:
+        _atomic_write(root / "latest", ckpt.name)
+    return moved

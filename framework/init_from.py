@@ -66,8 +66,8 @@ def load(recipe: Any, cfg: RunConfig, model: torch.nn.Module) -> str:
         try:
             state = _fill_tied(model, recipe.initial_weights(cfg, path))
             _check_keys(model, state, path)
-        except ConfigError as e:
-            error = str(e)
+        except ConfigError as e:  # an unsafe checkpoint file too (checkpoint.UnsafeCheckpointError)
+            error = str(e) if str(e).startswith("train.init_from") else f"train.init_from={path}: {e}"
         except Exception as e:  # unreadable files: the value of train.init_from is still what to fix
             error = f"train.init_from: reading {path} failed: {type(e).__name__}: {e}"
     errors = [error]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 import warnings
@@ -32,6 +33,10 @@ class TrainResult:
     eval: dict = field(default_factory=dict)
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. the loss stayed non-finite): a one-line message naming the step."""
+
+
 class PreemptionSignal:
     """SIGTERM / SIGUSR1 set a flag; the loop saves at the next step boundary and exits cleanly."""
 
@@ -56,12 +61,16 @@ def freeze(helpers: dict[str, torch.nn.Module], device: torch.device, dtype: tor
 
 
 def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
-    dist.init()
+    dist.init(timeout_minutes=cfg.train.collective_timeout_minutes)
     rank, world, device = dist.rank(), dist.world(), dist.device()
     accum = cfg.grad_accum(world)
 
     # Where we resume from decides the DeepSpeed config (universal loading), so find it first.
     ckpt = checkpoint.resolve(cfg.resume, cfg.run_dir)
+    if ckpt is not None:
+        checkpoint.check_safe(ckpt)  # a file that would run code when loaded: refused now, unread
+        if cfg.resume != "auto":
+            _roll_back_to(ckpt, cfg.run_dir)
     universal = ckpt is not None and checkpoint.needs_universal(ckpt, world)
     ds_config = engine_lib.deepspeed_config(cfg, world, load_universal=universal)
 
@@ -77,12 +86,12 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
     engine = engine_lib.initialize(built.model, cfg, ds_config)
     ema = ShardedEMA(engine.module, cfg.ema.decay, rank, world) if cfg.ema.decay > 0 else None
 
-    step = 0
+    step, bad_total = 0, 0
     if ckpt is not None:
         if universal:
             checkpoint.make_universal(ckpt)
         checkpoint.load_engine(engine, ckpt, universal)
-        step = _restore_trainer_state(ckpt, data, ema, rank, world)
+        step, bad_total = _restore_trainer_state(ckpt, data, ema, rank, world)
 
     config_dict = to_dict(cfg)
     if dist.is_main():
@@ -101,7 +110,7 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
     peak = peak_tflops(cfg.log.peak_tflops)
     result = TrainResult(step=step)
     batches = iter(data)
-    saved_at = -1
+    saved_at, bad_streak = -1, 0
     stop_at = min(cfg.train.steps, step + cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
     while step < stop_at:
         t_start = time.perf_counter()
@@ -125,34 +134,47 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
             u, f = recipe.work(cfg, batch)
             units, flops = units + u, flops + f
         step += 1
-        if ema is not None and step > cfg.ema.start_step:
-            ema.update()
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
 
-        # One collective per step: metric means, work sums, and whether any rank was told to stop.
-        keys = sorted(sums)
-        reduced = dist.all_reduce([float(sums[k]) for k in keys] + [units, flops, wait, float(preempt.received)],
+        # One collective per step: metric means, work sums, whether any rank was told to stop, whether any rank
+        # saw a bad step (non-finite grad norm, or DeepSpeed skipped the update), and the data streams' counters.
+        keys, counters = sorted(sums), data_counters(data)
+        bad_here = not _finite(grad_norm) or not engine.was_step_applied()
+        reduced = dist.all_reduce([float(sums[k]) for k in keys] + [units, flops, wait, float(preempt.received),
+                                                                   float(bad_here)] + list(counters.values()),
                                   op="sum")
         means = {k: v / world for k, v in zip(keys, reduced)}
-        units, flops, wait, stop = reduced[len(keys):]
+        units, flops, wait, stop, bad_ranks = reduced[len(keys):len(keys) + 5]
+        data_stats = {f"data/{k}": v for k, v in zip(counters, reduced[len(keys) + 5:])}
+        bad = bad_ranks > 0 or not _finite(means["loss"])
+        bad_streak, bad_total = (bad_streak + 1, bad_total + 1) if bad else (0, bad_total)
+        # The EMA only averages finite, applied updates, so a bad step never reaches it.
+        if ema is not None and step > cfg.ema.start_step and not bad:
+            ema.update()
         result.losses.append(means["loss"])
         seconds = time.perf_counter() - t_start
-        if step % cfg.log.every == 0 or step == cfg.train.steps:
-            grad_norm = engine.get_global_grad_norm()
-            logger.log(step, {**means, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                              f"{recipe.unit}_per_s": units / seconds, "data_wait_pct": 100.0 * wait / world / seconds,
-                              "step_s": seconds, **({"mfu": mfu(flops / seconds, peak, world)} if peak else {})})
+        if step % cfg.log.every == 0 or step == cfg.train.steps or bad:
+            logger.log(step, {**means, "lr": lr, "grad_norm": grad_norm, f"{recipe.unit}_per_s": units / seconds,
+                              "data_wait_pct": 100.0 * wait / world / seconds, "step_s": seconds,
+                              "skipped_steps": int(engine.skipped_steps), "bad_steps": bad_total, **data_stats,
+                              **({"mfu": mfu(flops / seconds, peak, world)} if peak else {})})
         logger.advance()
+        if bad:
+            _on_bad_step(step, bad_streak, _bad_reason(means["loss"], grad_norm, engine), cfg, logger)
 
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
             result.eval = _evaluate(recipe, engine, helpers, cfg, rank, world, step, logger)
         due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
-        if due or stop > 0 or (step == stop_at and cfg.checkpoint.at_end):
-            state = _trainer_state(step, data, ema, rank, world)
+        if (due or stop > 0 or (step == stop_at and cfg.checkpoint.at_end)) and _can_save(engine, bad, step, logger):
+            state = _trainer_state(step, data, ema, rank, world, bad_total)
             result.checkpoint = str(checkpoint.save(engine, cfg.run_dir, step, state, config_dict,
                                                     cfg.checkpoint.keep_last))
             saved_at = step
         if stop > 0:
-            logger.write(f"preemption signal received: saved step {step} to {result.checkpoint}, exiting")
+            logger.write(f"preemption signal received: saved step {step} to {result.checkpoint}, exiting"
+                         if saved_at == step else f"preemption signal received: step {step} was bad and is not "
+                         f"saved (newest checkpoint: {result.checkpoint}), exiting")
             result.preempted = True
             break
 
@@ -171,9 +193,9 @@ def _evaluate(recipe: Recipe, engine: Any, helpers: dict, cfg: RunConfig, rank: 
     """Evaluation and sampling run on every rank (each does its share) so nobody idles into a timeout."""
     engine.eval()
     with torch.no_grad():
-        values = recipe.evaluate(engine, helpers, cfg, rank, world, step)
+        values = recipe.evaluate(cfg, engine, helpers, rank, world, step)
         out_dir = str(Path(cfg.run_dir) / "samples" / checkpoint.tag_for(step))
-        lines = recipe.sample(engine, helpers, cfg, rank, world, step, out_dir) if cfg.eval.samples else []
+        lines = recipe.sample(cfg, engine, helpers, rank, world, step, out_dir) if cfg.eval.samples else []
     engine.train()
     if values:
         logger.log(step, {f"eval/{k}": v for k, v in values.items()})
@@ -184,13 +206,66 @@ def _evaluate(recipe: Recipe, engine: Any, helpers: dict, cfg: RunConfig, rank: 
     return values
 
 
-def _trainer_state(step: int, data: Any, ema: ShardedEMA | None, rank: int, world: int) -> dict:
+def data_counters(data: Any) -> dict[str, float]:
+    """The stream's counters (corrupt shards or clips skipped, too-long samples, ...), duck-typed: any `stats`
+    dict of numbers, in a fixed order so every rank's all-reduce lines up; {} for a stream without one."""
+    stats = getattr(data, "stats", None)
+    if not isinstance(stats, dict):
+        return {}
+    return {k: float(v) for k, v in sorted(stats.items()) if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _finite(value: float | None) -> bool:
+    """None (no norm computed this step) is no evidence of a bad step."""
+    return value is None or math.isfinite(value)
+
+
+def _bad_reason(loss: float, grad_norm: float | None, engine: Any) -> str:
+    if not _finite(loss):
+        return f"loss {loss}"
+    if not _finite(grad_norm):
+        return f"grad norm {grad_norm}"
+    return "an update was skipped (gradient overflow)" if not engine.was_step_applied() else "another rank's grad norm"
+
+
+def _on_bad_step(step: int, streak: int, reason: str, cfg: RunConfig, logger: Logger) -> None:
+    """Say so; after train.max_bad_steps in a row, stop (every rank decides alike: the inputs were all-reduced)."""
+    limit = cfg.train.max_bad_steps
+    logger.write(f"step {step}: bad step ({reason}), {streak} in a row of train.max_bad_steps={limit}")
+    if streak >= limit:
+        logger.close()
+        found = checkpoint.complete_checkpoints(Path(cfg.run_dir) / "checkpoints")
+        raise TrainingStopped(f"step {step}: the loss or gradient norm was non-finite (or the update skipped) for "
+                              f"{streak} steps in a row (train.max_bad_steps={limit}); nothing saved since. Newest "
+                              f"finite checkpoint: {found[-1] if found else 'none'}. Lower optim.lr or check the data.")
+
+
+def _can_save(engine: Any, bad: bool, step: int, logger: Logger) -> bool:
+    """Collective: never save after a bad step or a model with a non-finite weight on any rank (each rank checks
+    what it holds: its ZeRO-3 partition, else every parameter), so rotation never drops the last finite one."""
+    local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
+    finite = dist.all_reduce([float(not local)], op="sum")[0] == 0
+    if bad or not finite:
+        logger.write(f"step {step}: not saving a checkpoint: "
+                     + ("the last step was bad" if bad else "the model has non-finite weights"))
+    return finite and not bad
+
+
+def _roll_back_to(ckpt: Path, run_dir: str) -> None:
+    """An explicit resume of an older checkpoint of this run makes it the head (newer ones set aside)."""
+    if dist.is_main():
+        for moved in checkpoint.make_head(ckpt, run_dir):
+            dist.print0(f"resume={ckpt}: rolled back; the newer {moved.name} moved to {moved}")
+    dist.barrier()
+
+
+def _trainer_state(step: int, data: Any, ema: ShardedEMA | None, rank: int, world: int, bad_total: int = 0) -> dict:
     """Everything of ours a resume needs, as plain types and tensors (loadable with weights_only=True)."""
     return {"step": step, "rank": rank, "world": world, "data": data.state_dict(), "rng": capture_rng(),
-            "ema": ema.state_dict() if ema is not None else None}
+            "ema": ema.state_dict() if ema is not None else None, "bad_steps": bad_total}
 
 
-def _restore_trainer_state(ckpt: Path, data: Any, ema: ShardedEMA | None, rank: int, world: int) -> int:
+def _restore_trainer_state(ckpt: Path, data: Any, ema: ShardedEMA | None, rank: int, world: int) -> tuple[int, int]:
     states = checkpoint.trainer_states(ckpt)
     same_world = len(states) == world
     if ema is not None:
@@ -208,4 +283,4 @@ def _restore_trainer_state(ckpt: Path, data: Any, ema: ShardedEMA | None, rank: 
         epoch = int(states[0]["data"].get("epoch", 0))
         data.start_epoch(epoch)
         dist.print0(f"world size changed {len(states)} -> {world}: data restarts epoch {epoch} under the new split")
-    return int(states[0]["step"])
+    return int(states[0]["step"]), int(states[0].get("bad_steps", 0))

@@ -13,20 +13,22 @@ from framework.ema import consolidate
 
 
 def consolidated_state_dict(ckpt: Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of the trainable model: the EMA, or the live weights of any ZeRO stage."""
+    """Full fp32 weights of the trainable model: the EMA, or the live weights of any ZeRO stage. Every file is
+    loaded with weights_only=True (checkpoint.safe_loading): one that would run code is refused unread."""
     meta = checkpoint.read_meta(ckpt)
-    if use_ema:
-        states = checkpoint.trainer_states(ckpt)
-        if states[0]["ema"] is None:
-            raise ValueError(f"{ckpt} holds no EMA (train with ema.decay > 0 to export --ema)")
-        return {k: v.float().contiguous() for k, v in consolidate([s["ema"] for s in states]).items()}
-    if meta["zero_stage"] == 0:
-        # DeepSpeed pickles its own model-state file; it is our checkpoint, written by this trainer.
-        module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-        return {k: v.float().contiguous() for k, v in module.items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with checkpoint.safe_loading(ckpt):
+        if use_ema:
+            states = checkpoint.trainer_states(ckpt)
+            if states[0]["ema"] is None:
+                raise ValueError(f"{ckpt} holds no EMA (train with ema.decay > 0 to export --ema)")
+            return {k: v.float().contiguous() for k, v in consolidate([s["ema"] for s in states]).items()}
+        if meta["zero_stage"] == 0:
+            module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+            return {k: v.float().contiguous() for k, v in module.items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        # DeepSpeed's reader passes weights_only=False; safe_loading forces it back to True.
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     return {k: v.float().contiguous() for k, v in state.items()}
 
 

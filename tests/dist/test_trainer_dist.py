@@ -86,7 +86,7 @@ def test_resume_on_one_rank_from_two(text_data, tmp_path):
     before = consolidated_state_dict(complete_checkpoints(run / "checkpoints")[-1])
     out = train(text_data, run, *common, "resume=auto", nproc=1)
     assert "world size changed 2 -> 1" in out.stdout + out.stderr
-    assert (run / "checkpoints" / "step_00000008_universal").is_dir()
+    assert (run / "checkpoints" / "universal" / "step_00000008").is_dir()  # beside the checkpoints, not among them
     loss = losses(run)
     assert sorted(loss) == list(range(1, 13))
     # The weights came back: the first resumed step continues from the trained loss, not from scratch.
