@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
+import math
 import os
+import shutil
+import socket
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,7 +75,8 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     every: int = 1
-    wandb: Literal["offline", "online", "disabled"] = "offline"
+    # Unset (null): the WANDB_MODE environment variable if set, else offline. A value here wins over the env.
+    wandb: Literal["offline", "online", "disabled"] | None = None
     project: str = "difftrain"
     progress: bool = True
     peak_tflops: float = 0.0  # per device; 0 looks the GPU up in a table (no MFU on CPU)
@@ -127,6 +132,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if len(rest := [a for a in args if a is not type(None)]) == 1:  # Optional[X]: X's own message
+            return _coerce(value, rest[0], key)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -190,12 +197,24 @@ def _unknown_key_error(key: str, name: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint} (valid here: {', '.join(sorted(valid))})")
 
 
+def _renamed_key(cls: type, data: dict, name: str, prefix: str) -> str:
+    """The current name of a key `cls.RENAMED_KEYS` lists under an old one (configs saved before a rename load,
+    with a warning); a ConfigError when the old and the new name are both given."""
+    new = cls.RENAMED_KEYS[name]
+    if new in data:
+        raise ConfigError(f"'{prefix}{name}' is the old name of '{prefix}{new}'; give only '{prefix}{new}'")
+    print(f"warning: config key '{prefix}{name}' is now '{prefix}{new}'; read as such", flush=True)
+    return new
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for name, value in data.items():
+        if name not in names and name in getattr(cls, "RENAMED_KEYS", {}):
+            name = _renamed_key(cls, data, name, prefix)
         if name not in names:
             raise _unknown_key_error(prefix + name, name, names)
         kwargs[name] = _coerce(value, hints[name], prefix + name)
@@ -218,7 +237,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key part")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: {raw!r} is not a valid YAML value ({_yaml_problem(e)})") from None
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
@@ -235,15 +257,44 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's complaint in one line (its str() spans four, with a caret)."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return problem + (" (YAML indents with spaces; tabs are not allowed)" if "'\\t'" in problem else "")
+
+
 def read_preset(path: str | os.PathLike) -> dict:
-    """Load a YAML preset; a missing file or a non-mapping is a ConfigError naming the file."""
+    """Load a YAML preset; a missing, unreadable or malformed file or a non-mapping is a ConfigError naming it."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"preset file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read the preset: {e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        lines = text.splitlines()
+        at = f":{mark.line + 1}" if mark is not None else ""
+        shown = f": {lines[mark.line].strip()!r}" if mark is not None and mark.line < len(lines) else ""
+        raise ConfigError(f"{p}{at}: invalid YAML: {_yaml_problem(e)}{shown}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a preset must be a mapping of config keys")
     return data
+
+
+def _at_least(key: str, value: float, low: float, note: str = "") -> None:
+    """`value` must be a finite number >= low (NaN fails every comparison, so test finiteness first)."""
+    if not math.isfinite(value) or value < low:
+        raise ConfigError(f"{key} must be >= {low:g}{note}, got {value}")
+
+
+def _in_range(key: str, value: float, low: float, high: float, high_open: bool = False) -> None:
+    ok = math.isfinite(value) and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        raise ConfigError(f"{key} must be in [{low:g}, {high:g}{')' if high_open else ']'}, got {value}")
 
 
 def check_common(cfg: RunConfig, world: int) -> None:
@@ -264,11 +315,88 @@ def check_common(cfg: RunConfig, world: int) -> None:
         raise ConfigError(f"train.init_from: {t.init_from} does not exist")
     if t.offload_optimizer and t.zero_stage == 0:
         raise ConfigError("train.offload_optimizer needs train.zero_stage >= 1")
-    if not 0.0 <= cfg.ema.decay < 1.0:
-        raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}")
-    if cfg.checkpoint.keep_last < 1:
-        raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
-    if cfg.optim.warmup_steps < 0:
-        raise ConfigError(f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
+    _check_ranges(cfg)
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Values torch, DeepSpeed or the loop would reject late (after the model is built) or misread silently."""
+    t, o = cfg.train, cfg.optim
+    # numpy's seeding (data order, SeedSequence) rejects negative seeds; torch's takes at most 64 bits.
+    _in_range("train.seed", t.seed, 0, 2**63 - 1)
+    _at_least("train.grad_clip", t.grad_clip, 0, " (0 disables clipping)")
+    _at_least("train.stop_after", t.stop_after, 0, " (0 runs to train.steps)")
+    _at_least("train.max_bad_steps", t.max_bad_steps, 1)
+    if not math.isfinite(t.collective_timeout_minutes) or t.collective_timeout_minutes <= 0:
+        raise ConfigError(f"train.collective_timeout_minutes must be positive, got {t.collective_timeout_minutes}")
+    _at_least("optim.lr", o.lr, 0)
+    _at_least("optim.eps", o.eps, 0)
+    _at_least("optim.weight_decay", o.weight_decay, 0)
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas must have two values, got {o.betas}")
+    for i, beta in enumerate(o.betas):
+        _in_range(f"optim.betas[{i}]", beta, 0, 1, high_open=True)
+    _at_least("optim.warmup_steps", o.warmup_steps, 0)
+    _in_range("optim.min_lr_ratio", o.min_lr_ratio, 0, 1)
+    _in_range("ema.decay", cfg.ema.decay, 0, 1, high_open=True)
+    _at_least("ema.start_step", cfg.ema.start_step, 0)
+    _at_least("checkpoint.every", cfg.checkpoint.every, 0, " (0 saves at the end only)")
+    _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
+    _at_least("log.every", cfg.log.every, 1)
+    _at_least("log.peak_tflops", cfg.log.peak_tflops, 0, " (0 looks the GPU up)")
+    _at_least("eval.every", cfg.eval.every, 0, " (0 evaluates at the end only)")
+    _at_least("eval.batches", cfg.eval.batches, 1)
+    _at_least("eval.samples", cfg.eval.samples, 0)
+    _at_least("eval.micro_batch", cfg.eval.micro_batch, 0, " (0 uses train.micro_batch)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that touch the file system: launch/train.py runs them on every rank before any work.
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Create `run_dir`, then write, fsync and delete a probe file in it (one per process), so a read-only,
+    full or missing disk is named now rather than at the first checkpoint (where a full disk surfaces as
+    `basic_ios::clear: iostream error` from torch.save)."""
+    path = Path(run_dir)
+    probe = path / f".write_probe.{socket.gethostname()}.{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0" * 4096)  # a whole block: an empty file needs no free space
+            os.fsync(fd)  # delayed allocation reports ENOSPC only here on some file systems
+        finally:
+            os.close(fd)
+    except OSError as e:
+        code = errno.errorcode.get(e.errno, str(e.errno))
+        raise ConfigError(f"run_dir={run_dir}: cannot write there: {e.strerror} ({code}); {disk_note(path)}") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+def disk_note(path: Path) -> str:
+    """'the disk mounted at M has F free of T' for the file system that holds `path` (or would)."""
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    while existing.is_file():
+        existing = existing.parent
+    mount = existing
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        usage = shutil.disk_usage(existing)
+    except OSError:
+        return f"the disk mounted at {mount}"
+    return f"the disk mounted at {mount} has {_bytes(usage.free)} free of {_bytes(usage.total)}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
