@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +21,19 @@ from framework.config import ConfigError, RunConfig, apply_overrides, check_comm
 class Built:
     """What `Recipe.build_model` returns: the trainable module that goes into the DeepSpeed engine.
 
-    `helpers` is filled by the trainer from `Recipe.build_helpers`: frozen modules kept outside the engine
-    (eval mode, no grads, never checkpointed as trainable).
+    Frozen helpers (VAE, text encoder, teacher) are not part of it: they come from `Recipe.build_helpers`,
+    built outside ZeRO-3's partitioning.
     """
 
     model: torch.nn.Module
-    helpers: dict[str, torch.nn.Module] = field(default_factory=dict)
 
 
 class Recipe:
-    """Base class of a recipe. Subclasses set `name` and `config_class` and implement the hooks."""
+    """Base class of a recipe. Subclasses set `name` and `config_class` and implement the hooks.
+
+    Every hook that takes the config takes it first, then the model and helpers where it needs them:
+    `loss(cfg, model, helpers, ...)`, `evaluate(cfg, model, helpers, ...)`, `sample(cfg, model, helpers, ...)`.
+    """
 
     name: str = ""
     config_class: type[RunConfig] = RunConfig
@@ -65,11 +68,11 @@ class Recipe:
         """(units, training FLOPs) of one micro-batch: units are tokens, frames or latent tokens."""
         return 0.0, 0.0
 
-    def evaluate(self, model: Any, helpers: dict, cfg: RunConfig, rank: int, world: int, step: int) -> dict:
+    def evaluate(self, cfg: RunConfig, model: Any, helpers: dict, rank: int, world: int, step: int) -> dict:
         """Runs on every rank; returns scalar metrics already reduced across ranks."""
         return {}
 
-    def sample(self, model: Any, helpers: dict, cfg: RunConfig, rank: int, world: int, step: int,
+    def sample(self, cfg: RunConfig, model: Any, helpers: dict, rank: int, world: int, step: int,
                out_dir: str) -> list[str]:
         """Runs on every rank; rank 0 writes the samples and returns their paths (text, files)."""
         return []

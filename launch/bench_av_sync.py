@@ -44,7 +44,7 @@ def generated_sync(path: str, samples: int, seed: int, batch: int, mode: str,
     with torch.no_grad():
         for lo in tqdm(range(0, len(prompts), batch), desc=f"{path} {mode}", unit="batch"):
             part = None if given is None else {k: v[lo:lo + batch] for k, v in given.items()}
-            videos, waves = recipe.generate(model, helpers, cfg, prompts[lo:lo + batch], seed + lo, part)
+            videos, waves = recipe.generate(cfg, model, helpers, prompts[lo:lo + batch], seed + lo, part)
             clips += [(to_uint8(v), w.numpy()) for v, w in zip(videos, waves)]
     s = cfg.sample
     info = {"run": path, "step": run.meta["step"], "ema": run.ema, "shared_time_rope": cfg.model.shared_time_rope,

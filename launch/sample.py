@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a run dir (its newest complete checkpoint) or a checkpoint dir")
     parser.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
     parser.add_argument("--steps", type=int, help="sampling steps")
-    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (video recipes)")
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale sample.cfg_scale (1 = off)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--size", help="HEIGHTxWIDTHxFRAMES of the videos (video recipes)")
     parser.add_argument("--out", help="output folder (default RUN/samples/sample_step_N)")
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or str(Path(cfg.run_dir) / "samples" / f"sample_{run.checkpoint.name}")
     print(f"sampling {run.checkpoint} ({'EMA' if run.ema else 'live'} weights) -> {out}", flush=True)
     with torch.no_grad():
-        lines = recipe.sample(model, helpers, cfg, 0, 1, run.meta["step"], out)
+        lines = recipe.sample(cfg, model, helpers, 0, 1, run.meta["step"], out)
     for line in lines:
         print(line)
     return 0

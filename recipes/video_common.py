@@ -59,8 +59,9 @@ def video_tensor(batch: dict) -> torch.Tensor:
     return to_unit_range(video) if video.dtype == torch.uint8 else video
 
 
-def check_vae_buckets(buckets: list[str], micro_batch: int) -> None:
-    """The causal VAE needs 1 + 4k frames and sizes divisible by 8: say so before any work starts.
+def check_vae_buckets(buckets: list[str], micro_batch: int, compression: tuple[int, int, int]) -> None:
+    """Every bucket must fit the VAE's compression (time, height, width), e.g. 1 + 4k frames and sizes divisible
+    by 8 for the 4x8x8 causal VAE, any frame count for a per-frame one: say so before any work starts.
 
     A bucket's batch size is the micro-batch of a step in that bucket; train.micro_batch must name the
     largest, since gradient accumulation (global_batch / (micro_batch x world)) is derived from it.
@@ -69,11 +70,13 @@ def check_vae_buckets(buckets: list[str], micro_batch: int) -> None:
         parsed = parse_buckets(buckets)
     except ValueError as e:
         raise ConfigError(f"data.buckets: {e}") from e
+    ct, ch, cw = compression
     for spec, b in zip(buckets, parsed):
-        if (b.frames - 1) % 4:
-            raise ConfigError(f"data.buckets: {spec!r} has {b.frames} frames; the causal VAE needs 1 + 4k")
-        if b.height % 8 or b.width % 8:
-            raise ConfigError(f"data.buckets: {spec!r} is {b.height}x{b.width}; the VAE needs multiples of 8")
+        if (b.frames - 1) % ct:
+            raise ConfigError(f"data.buckets: {spec!r} has {b.frames} frames; the causal VAE needs 1 + {ct}k")
+        if b.height % ch or b.width % cw:
+            size = ch if ch == cw else f"{ch}x{cw}"
+            raise ConfigError(f"data.buckets: {spec!r} is {b.height}x{b.width}; the VAE needs multiples of {size}")
     largest = max(b.batch_size for b in parsed)
     if micro_batch != largest:
         raise ConfigError(f"train.micro_batch={micro_batch} but the largest bucket batch in data.buckets is "

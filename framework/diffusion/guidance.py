@@ -1,5 +1,9 @@
 """Classifier-free guidance (Ho & Salimans 2022): condition dropout in training, guided model_fn at sampling.
 
+One convention for every recipe (diffusers' `guidance_scale`): guided = uncond + s (cond - uncond), so
+s = 1 is guidance off (exactly the conditional output, no unconditional pass) and s = 0 is exactly the
+unconditional output. LLaDA's published `cfg_scale = w` (uncond + (w + 1)(cond - uncond)) is s = w + 1.
+
 Conditions are dicts of tensors batched on dim 0, passed as ``model_fn(x, t, **cond)``. Training replaces
 the dropped rows by a null condition (a learned or zero embedding) so one model learns both p(x|c) and p(x).
 """
@@ -19,7 +23,8 @@ Scale = float | Mapping[str, float]  # a mapping gives each output key (modality
 
 @dataclass(frozen=True, eq=False)
 class Guidance:
-    """Sampling-time CFG: scale (1 = conditional only, or one per output key) and the null condition."""
+    """Sampling-time CFG: scale (1 = off: conditional only; 0 = unconditional; or one per output key) and the
+    null condition."""
 
     scale: Scale
     null_cond: Mapping[str, Tensor]
@@ -40,7 +45,9 @@ def replace_dropped(cond: Tensor, null: Tensor, keep: Tensor) -> Tensor:
 
 
 def cfg_combine(cond_out: Any, uncond_out: Any, scale: Scale) -> Any:
-    """uncond + scale * (cond - uncond), leaf by leaf for tuples and dicts of tensors (one per modality)."""
+    """uncond + scale * (cond - uncond), leaf by leaf for tuples and dicts of tensors (one per modality).
+
+    Exact at both ends: scale 1 returns cond itself and 0 uncond itself (the formula would round both)."""
     if isinstance(cond_out, Mapping):
         if isinstance(scale, Mapping) and set(scale) != set(cond_out):
             raise KeyError(f"guidance scales are given for {sorted(scale)}, the model outputs {sorted(cond_out)}")
@@ -52,6 +59,10 @@ def cfg_combine(cond_out: Any, uncond_out: Any, scale: Scale) -> Any:
         raise TypeError(f"per-key guidance scales {dict(scale)} need a model that returns a dict")
     if isinstance(cond_out, tuple | list):
         return type(cond_out)(cfg_combine(c, u, scale) for c, u in zip(cond_out, uncond_out))
+    if scale == 1.0:
+        return cond_out
+    if scale == 0.0:
+        return uncond_out
     return uncond_out + scale * (cond_out - uncond_out)
 
 

@@ -148,7 +148,7 @@ class AudioVaeRecipe(Recipe):
     def _val_batches(self, cfg: AudioVaeConfig, rank: int, world: int):
         return video_stream(cfg.data, "val", rank, world, cfg.train.seed, num_workers=0)
 
-    def evaluate(self, model, helpers, cfg: AudioVaeConfig, rank: int, world: int, step: int) -> dict:
+    def evaluate(self, cfg: AudioVaeConfig, model, helpers, rank: int, world: int, step: int) -> dict:
         """Held-out log-mel L1 (dB) and MSE (nepers^2) of the posterior mean's reconstruction over frames with
         audio, and the L1 over the loud entries alone (`loud`: within LOUD_DB of each clip's peak)."""
         stream = self._val_batches(cfg, rank, world)
@@ -166,7 +166,7 @@ class AudioVaeRecipe(Recipe):
         return {"mel_l1_db": l1 / max(1.0, n) * DB_PER_NEPER, "mel_mse": mse / max(1.0, n),
                 "mel_l1_db_loud": l1_loud / max(1.0, n_loud) * DB_PER_NEPER}
 
-    def sample(self, model, helpers, cfg: AudioVaeConfig, rank: int, world: int, step: int, out_dir: str) -> list[str]:
+    def sample(self, cfg: AudioVaeConfig, model, helpers, rank: int, world: int, step: int, out_dir: str) -> list[str]:
         """Griffin-Lim wavs of input and reconstruction mels of the first held-out clips, and a PNG with a row
         per clip, input | reconstruction (rank 0 writes; every rank runs the forward)."""
         batch = next(iter(self._val_batches(cfg, rank, world)))

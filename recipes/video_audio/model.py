@@ -12,7 +12,7 @@ towers, each the same function as a `DiTBlock` stack (tests check this), and tra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -40,13 +40,15 @@ class JointAVConfig:
     qk_norm: bool = True
     rope_theta: float = 10000.0
     text_dim: int = 128
-    timestep_scale: float = 1000.0  # diffusion t in [0, 1] is embedded as t * timestep_scale (VideoDiT's time_scale)
-    time_scale: float = 25.0  # RoPE positions per second of the shared t band: 25 = one audio latent per unit
+    timestep_scale: float = 1000.0  # diffusion t in [0, 1] is embedded as t * timestep_scale (as in VideoDiT)
+    rope_positions_per_second: float = 25.0  # of the shared t band: 25 = one audio latent per position
     fps: float = 25.0  # video frame rate, when forward is not told otherwise
     temporal_compression: int = 4  # video VAE frames per latent (after the lone first frame)
     audio_latent_rate: float = 25.0  # audio VAE latents per second
     shared_time_rope: bool = True  # False: cross-modal attention without any rotation (the ablation)
     activation_checkpointing: bool = False
+    # Keys saved under an older name (framework.config.from_dict reads them as the new one, with a warning).
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"time_scale": "rope_positions_per_second"}
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -205,13 +207,13 @@ class JointAVDiT(nn.Module):
         vt, at = (x.to(dev) for x in self.token_times(video.shape[2], audio.shape[2], fps, video_t0, audio_t0))
         c_v, time6_v = self.video.condition(t_video)
         c_a, time6_a = self.audio.condition(t_audio)
-        rope_v = rope_tables(video_positions(vt, grid_v, cfg.time_scale), cfg.head_dim, cfg.rope_theta)
-        rope_a = rope_tables(audio_positions(at, cfg.time_scale), cfg.head_dim, cfg.rope_theta)
+        rope_v = rope_tables(video_positions(vt, grid_v, cfg.rope_positions_per_second), cfg.head_dim, cfg.rope_theta)
+        rope_a = rope_tables(audio_positions(at, cfg.rope_positions_per_second), cfg.head_dim, cfg.rope_theta)
         cross_v = cross_a = None
         if cfg.shared_time_rope:
             per_token_vt = vt.repeat_interleave(grid_v[1] * grid_v[2])
-            cross_v = time_only_rope(per_token_vt, cfg.head_dim, cfg.time_scale, cfg.rope_theta)
-            cross_a = time_only_rope(at, cfg.head_dim, cfg.time_scale, cfg.rope_theta)
+            cross_v = time_only_rope(per_token_vt, cfg.head_dim, cfg.rope_positions_per_second, cfg.rope_theta)
+            cross_a = time_only_rope(at, cfg.head_dim, cfg.rope_positions_per_second, cfg.rope_theta)
         sv = Stream(time6_v, rope_v, cross_v, self.video.text_proj(text), text_mask)
         sa = Stream(time6_a, rope_a, cross_a, self.audio.text_proj(text), text_mask)
         gate = None if bridge is None else bridge.to(device=dev, dtype=v.dtype).view(-1, 1, 1)

@@ -16,10 +16,19 @@ from framework import distributed as dist
 from framework.config import ConfigError, RunConfig
 from framework.data.buckets import parse_buckets
 from framework.diffusion import flow
-from framework.diffusion.guidance import drop_condition, replace_dropped
+from framework.diffusion.guidance import drop_condition
 from framework.export.video_io import to_uint8, write_grid_png, write_mp4
 from framework.recipe import Built, Recipe
 from framework.rng import derive_seed
+from recipes.t2v_core import (
+    TextConditioned,
+    bucket_latent_shape,
+    held_out_loss,
+    render_on_every_rank,
+    to_device,
+    token_count,
+    unwrap,
+)
 from recipes.video_audio.audio_ref import AudioVaeRefConfig, FrozenAudioVAE, load_audio_vae
 from recipes.video_audio.model import JointAVConfig, JointAVDiT
 from recipes.video_audio.sampling import JointGuidance, joint_euler
@@ -28,7 +37,8 @@ from recipes.video_audio.timesteps import joint_times
 from recipes.video_common import VideoDataConfig, check_vae_buckets, video_stream, video_tensor
 from recipes.video_dit.recipe import DiffusionConfig, TextConfig
 from recipes.video_dit.text_encoder import ByteTextEncoder
-from recipes.video_dit.vae_ref import VaeRefConfig, latent_stats, load_vae
+from recipes.video_dit.vae_ref import VaeRefConfig, assumed_vae, latent_stats, load_vae, vae_config
+from recipes.video_vae.model import VideoVAEConfig
 
 FLASH_BEEP_PROMPTS = [f"a {c} {s} flashes {n}" for c, s, n in [
     ("red", "circle", "once"), ("green", "square", "twice"), ("blue", "triangle", "three times"),
@@ -52,6 +62,7 @@ class JointSampleConfig:
     prompts: list[str] = field(default_factory=lambda: list(FLASH_BEEP_PROMPTS))
     mode: Literal["joint", "video_to_audio", "audio_to_video"] = "joint"  # the given modality: held-out clips
     steps: int = 30
+    # Guidance scales as in every recipe (sampling.py): 1 = off, 0 = the unconditional branch alone.
     cfg_scale: float = 4.0  # caption guidance of the video
     audio_cfg_scale: float = 4.0  # caption guidance of the audio
     cross_cfg_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])  # (video, audio) on the other one
@@ -77,31 +88,22 @@ class JointRunConfig(RunConfig):
     sample: JointSampleConfig = field(default_factory=JointSampleConfig)
 
 
-class TextToVideoAudio(nn.Module):
+class TextToVideoAudio(TextConditioned):
     """The trainable module: the joint DiT, the byte text encoder and the learned null caption."""
 
     def __init__(self, cfg: JointRunConfig):
-        super().__init__()
-        self.dit = JointAVDiT(cfg.model)
-        self.text_encoder = ByteTextEncoder(cfg.model.text_dim, cfg.text.layers, cfg.text.heads, cfg.text.max_len)
-        self.null_text = nn.Parameter(torch.zeros(1, 1, cfg.model.text_dim))
+        dit = JointAVDiT(cfg.model)  # built before the text encoder: the seeded init draws in this order
+        text_encoder = ByteTextEncoder(cfg.model.text_dim, cfg.text.layers, cfg.text.heads, cfg.text.max_len)
+        super().__init__(dit, text_encoder, cfg.model.text_dim)
 
     def null_condition(self, length: int) -> tuple[Tensor, Tensor]:
         """The unconditional caption (1, length, D) and its mask: the learned null token, then padding."""
-        mask = torch.zeros(1, length, dtype=torch.bool, device=self.null_text.device)
-        mask[:, 0] = True
-        return nn.functional.pad(self.null_text, (0, 0, 0, length - 1)), mask
+        return self.null_caption(length)
 
     def forward(self, video: Tensor, audio: Tensor, t_video: Tensor, t_audio: Tensor, text: Tensor,
                 text_mask: Tensor, bridge: Tensor | None = None, keep_text: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if keep_text is not None:
-            null, null_mask = self.null_condition(text.shape[1])
-            text, text_mask = replace_dropped(text, null, keep_text), replace_dropped(text_mask, null_mask, keep_text)
+        text, text_mask = self.drop_caption(text, text_mask, keep_text)
         return self.dit(video, audio, t_video, t_audio, text, text_mask, bridge=bridge)
-
-
-def _unwrap(model) -> TextToVideoAudio:
-    return model.module if hasattr(model, "module") else model
 
 
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -114,8 +116,7 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tens
 
 
 def video_tokens(cfg: JointRunConfig, video_latent: Tensor) -> int:
-    p = cfg.model.video_patch
-    return int(np.prod([n // k for n, k in zip(video_latent.shape[2:], p)]))
+    return token_count(video_latent.shape[2:], cfg.model.video_patch)
 
 
 def flow_shift(cfg: JointRunConfig, n_video_tokens: int) -> float:
@@ -158,8 +159,10 @@ class VideoAudioRecipe(Recipe):
     unit = "latent_tokens"
 
     def validate(self, cfg: JointRunConfig, world: int) -> None:
-        check_vae_buckets(cfg.data.buckets, cfg.train.micro_batch)
         d, m = cfg.data, cfg.model
+        vae = self.vae_geometry(cfg)
+        self.check_vae(cfg, vae)
+        check_vae_buckets(d.buckets, cfg.train.micro_batch, vae.compression)
         if cfg.diffusion.objective != "flow":
             raise ConfigError("diffusion.objective: the joint recipe trains rectified flow only ('flow')")
         if d.audio_rate <= 0:
@@ -191,18 +194,33 @@ class VideoAudioRecipe(Recipe):
         return (f"{n / 1e6:.2f}M joint DiT parameters, {v} video + {a} audio tokens per clip, "
                 f"shared time RoPE {'on' if cfg.model.shared_time_rope else 'OFF (ablation)'}")
 
-    # ---- shapes -------------------------------------------------------------------------------------
+    # ---- shapes: the video VAE's geometry, never a formula of our own -------------------------------
+    def vae_geometry(self, cfg: JointRunConfig) -> VideoVAEConfig:
+        """The video VAE config latent shapes come from: the loaded helper's, else its export's config.json,
+        else (no export yet: --describe, unit tests) the default architecture at model.temporal_compression."""
+        loaded = getattr(self, "_vae_cfg", None)
+        if loaded is not None and loaded[0] == cfg.vae.path:
+            return loaded[1]
+        return vae_config(cfg.vae.path) or assumed_vae(cfg.model.video_channels, cfg.model.temporal_compression)
+
+    def check_vae(self, cfg: JointRunConfig, vae: VideoVAEConfig) -> None:
+        """The model's token times and widths must be those of the video VAE it trains in."""
+        if vae.latent_channels != cfg.model.video_channels:
+            raise ConfigError(f"model.video_channels={cfg.model.video_channels} but the video VAE at {cfg.vae.path} "
+                              f"has {vae.latent_channels} latent channels")
+        if vae.compression[0] != cfg.model.temporal_compression:
+            raise ConfigError(f"model.temporal_compression={cfg.model.temporal_compression} but the video VAE at "
+                              f"{cfg.vae.path} compresses time {vae.compression[0]}x: token times would be wrong")
+
     def latent_shapes(self, cfg: JointRunConfig, bucket: int) -> tuple[tuple[int, ...], tuple[int, int]]:
         """((Cv, T, h, w), (Ca, Ta)) of one clip of the bucket."""
-        b = parse_buckets(cfg.data.buckets)[bucket]
-        m = cfg.model
-        video = (m.video_channels, 1 + (b.frames - 1) // m.temporal_compression, b.height // 8, b.width // 8)
-        return video, (m.audio_channels, round(b.seconds(cfg.data.fps) * m.audio_latent_rate))
+        spec, m = cfg.data.buckets[bucket], cfg.model
+        seconds = parse_buckets([spec])[0].seconds(cfg.data.fps)
+        return bucket_latent_shape(self.vae_geometry(cfg), spec), (m.audio_channels, round(seconds * m.audio_latent_rate))
 
     def token_counts(self, cfg: JointRunConfig, bucket: int) -> tuple[int, int]:
-        (_, t, h, w), (_, ta) = self.latent_shapes(cfg, bucket)
-        p = cfg.model.video_patch
-        return (t // p[0]) * (h // p[1]) * (w // p[2]), ta // cfg.model.audio_patch
+        video, (_, ta) = self.latent_shapes(cfg, bucket)
+        return token_count(video[1:], cfg.model.video_patch), ta // cfg.model.audio_patch
 
     # ---- building -----------------------------------------------------------------------------------
     def build_model(self, cfg: JointRunConfig) -> Built:
@@ -220,12 +238,8 @@ class VideoAudioRecipe(Recipe):
             raise ConfigError(f"model.audio_channels={cfg.model.audio_channels} but the audio VAE has "
                               f"{audio_vae.vae.cfg.latent_channels} latent channels")
         vae = load_vae(cfg.vae.path)
-        if vae.cfg.latent_channels != cfg.model.video_channels:
-            raise ConfigError(f"model.video_channels={cfg.model.video_channels} but the video VAE at {cfg.vae.path} "
-                              f"has {vae.cfg.latent_channels} latent channels")
-        if vae.cfg.compression[0] != cfg.model.temporal_compression:
-            raise ConfigError(f"model.temporal_compression={cfg.model.temporal_compression} but the video VAE at "
-                              f"{cfg.vae.path} compresses time {vae.cfg.compression[0]}x: token times would be wrong")
+        self.check_vae(cfg, vae.cfg)
+        self._vae_cfg = (cfg.vae.path, vae.cfg)
         return {"vae": vae, "audio_vae": audio_vae}
 
     def build_data(self, cfg: JointRunConfig, split: str, rank: int, world: int, batch_multiple: int = 1):
@@ -265,16 +279,17 @@ class VideoAudioRecipe(Recipe):
         stats = self.latent_stats(cfg, helpers)
         vae = helpers["vae"]
         with torch.no_grad():
-            video = video_tensor(batch).to(next(vae.parameters()).dtype)
+            w = next(vae.parameters())
+            video = video_tensor(batch).to(device=w.device, dtype=w.dtype)  # as audio_latents does for audio
             mean, _ = vae.encode(video, chunked=video.shape[2] > 33)
         shift, scale = stats["video"]
         za, mask = self.audio_latents(helpers, batch, stats["audio"])
-        ta = self.audio_latent_count(cfg, mean, za)
+        ta = self.audio_latent_count(cfg, video.shape[2], za)
         return (mean.float() - shift) * scale, za[..., :ta], mask[:, :ta]
 
-    def audio_latent_count(self, cfg: JointRunConfig, video: Tensor, audio: Tensor) -> int:
-        """Audio latents that cover exactly the clip: the loader's window can round to one latent more."""
-        frames = (video.shape[2] - 1) * cfg.model.temporal_compression + 1
+    def audio_latent_count(self, cfg: JointRunConfig, frames: int, audio: Tensor) -> int:
+        """Audio latents that cover exactly a clip of `frames` frames: the loader's window can round to one
+        latent more."""
         expected = round(frames / cfg.data.fps * cfg.model.audio_latent_rate)
         if audio.shape[-1] < expected:
             raise ValueError(f"{audio.shape[-1]} audio latents for a clip of {frames} frames; expected {expected}")
@@ -283,7 +298,7 @@ class VideoAudioRecipe(Recipe):
     # ---- training -----------------------------------------------------------------------------------
     def loss(self, cfg: JointRunConfig, model, helpers, batch, gen):
         xv, xa, audio_mask = self.latents(cfg, helpers, batch)
-        text, text_mask = _unwrap(model).text_encoder(batch["caption"])
+        text, text_mask = unwrap(model).text_encoder(batch["caption"])
         return joint_flow_loss(cfg, model, xv, xa, audio_mask, text, text_mask, gen)
 
     def work(self, cfg: JointRunConfig, batch: dict) -> tuple[float, float]:
@@ -295,44 +310,56 @@ class VideoAudioRecipe(Recipe):
         return float(b * (v + a)), 6.0 * params * b * (v + a)
 
     # ---- evaluation and sampling --------------------------------------------------------------------
-    def evaluate(self, model, helpers, cfg: JointRunConfig, rank: int, world: int, step: int) -> dict:
+    def evaluate(self, cfg: JointRunConfig, model, helpers, rank: int, world: int, step: int) -> dict:
         """Held-out loss at fixed noise draws, and the sync of freshly sampled clips (joint mode)."""
         stream = video_stream(cfg.data, "val", rank, world, cfg.train.seed, num_workers=0)
-        total = 0.0
-        batches = min(cfg.eval.batches, len(stream))
-        for i, batch in zip(range(batches), stream):
-            gen = torch.Generator(device=dist.device()).manual_seed(derive_seed(cfg.train.seed, rank, i, 7))
-            total += float(self.loss(cfg, model, helpers, batch, gen)[0])
-        (mean,) = dist.all_reduce([total / max(1, batches)], op="mean")
+        mean = held_out_loss(lambda batch, gen: self.loss(cfg, model, helpers, batch, gen)[0], stream,
+                             cfg.eval.batches, cfg.train.seed, rank)
         values = {"loss": mean}
         prompts = cfg.sample.prompts[: cfg.eval.samples]
         if prompts:
-            clips = self.render(model, helpers, cfg, prompts, rank, world, step)
+            clips = self.render(cfg, model, helpers, prompts, rank, world, step)
             self._rendered = (step, prompts, clips)
             report = sync_report(clips, cfg.data.fps, cfg.data.audio_rate)
             values.update({f"sync_{k}": float(v) for k, v in report.items() if k != "clips"})
         return values
 
-    def render(self, model, helpers, cfg: JointRunConfig, prompts: list[str], rank: int, world: int,
+    def render(self, cfg: JointRunConfig, model, helpers, prompts: list[str], rank: int, world: int,
                step: int, given: dict | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Every rank samples its share of the prompts (equal work: ZeRO-3 forwards are collective); returns
         (video uint8 (T, H, W, 3), audio float32 (N,)) per prompt, in prompt order, on every rank."""
-        items = list(range(len(prompts)))
-        mine = dist.split_work(items, rank, world)
-        mine_given = None if given is None else {k: v[mine] for k, v in given.items()}
-        videos, audios = self.generate(model, helpers, cfg, [prompts[i] for i in mine],
-                                       derive_seed(cfg.sample.seed, rank, step), mine_given)
-        clips = [(to_uint8(v), a.numpy().astype(np.float32)) for v, a in zip(videos, audios)]
-        return dist.gather_work(clips, len(prompts), world)
+        def generate(mine: list[int]) -> list:
+            mine_given = None if given is None else {k: v[mine] for k, v in given.items()}
+            videos, audios = self.generate(cfg, model, helpers, [prompts[i] for i in mine],
+                                           derive_seed(cfg.sample.seed, rank, step), mine_given)
+            return [(to_uint8(v), a.numpy().astype(np.float32)) for v, a in zip(videos, audios)]
 
-    def generate(self, model, helpers, cfg: JointRunConfig, prompts: list[str], seed: int,
+        return render_on_every_rank(list(range(len(prompts))), rank, world, generate)
+
+    def generate(self, cfg: JointRunConfig, model, helpers, prompts: list[str], seed: int,
                  given: dict | None = None) -> tuple[Tensor, Tensor]:
         """Prompts -> (videos (B, 3, T, H, W) in [-1, 1], waveforms (B, N)). given {"video"|"audio": normalised
         latents} switches to video-to-audio or audio-to-video: that modality stays as given."""
+        zv, za = self.sample_latents(cfg, model, prompts, seed, given)
+        s = cfg.sample
+        stats = self.latent_stats(cfg, helpers)
+        vae = helpers["vae"]
+        with torch.no_grad():
+            zv = (zv / stats["video"][1] + stats["video"][0]).to(next(vae.parameters()).dtype)
+            frames = vae.decode(zv, chunked=zv.shape[2] > 9).float().clamp(-1, 1)
+            za = za / stats["audio"][1] + stats["audio"][0]
+            wave_gen = torch.Generator().manual_seed(seed)
+            waves = helpers["audio_vae"].decode(za, s.griffin_lim_iters, gen=wave_gen)
+        return frames, waves.float()
+
+    def sample_latents(self, cfg: JointRunConfig, model, prompts: list[str], seed: int,
+                       given: dict | None = None) -> tuple[Tensor, Tensor]:
+        """Prompts -> normalised (video (B, Cv, T, h, w), audio (B, Ca, Ta)) latents by joint Euler sampling,
+        guided by sample.cfg_scale / audio_cfg_scale / cross_cfg_scale; a `given` modality stays as given."""
         s = cfg.sample
         vshape, ashape = self.latent_shapes(cfg, s.bucket)
         b, dev = len(prompts), dist.device()
-        net = _unwrap(model)
+        net = unwrap(model)
         text, text_mask = net.text_encoder(prompts)
         null_text, null_mask = net.null_condition(text.shape[1])
         gen = torch.Generator(device=dev).manual_seed(seed)
@@ -347,16 +374,7 @@ class VideoAudioRecipe(Recipe):
                 audio = value.to(dev)
         sigmas = flow.flow_sigmas(s.steps, flow_shift(cfg, self.token_counts(cfg, s.bucket)[0]))
         guidance = JointGuidance(text=(s.cfg_scale, s.audio_cfg_scale), cross=tuple(s.cross_cfg_scale))
-        zv, za = joint_euler(model, video, audio, sigmas, text, text_mask, null_text, null_mask, guidance, clean)
-        stats = self.latent_stats(cfg, helpers)
-        vae = helpers["vae"]
-        with torch.no_grad():
-            zv = (zv / stats["video"][1] + stats["video"][0]).to(next(vae.parameters()).dtype)
-            frames = vae.decode(zv, chunked=zv.shape[2] > 9).float().clamp(-1, 1)
-            za = za / stats["audio"][1] + stats["audio"][0]
-            wave_gen = torch.Generator().manual_seed(seed)
-            waves = helpers["audio_vae"].decode(za, s.griffin_lim_iters, gen=wave_gen)
-        return frames, waves.float()
+        return joint_euler(model, video, audio, sigmas, text, text_mask, null_text, null_mask, guidance, clean)
 
     def given_latents(self, cfg: JointRunConfig, helpers: dict, n: int) -> tuple[list[str], dict]:
         """The first n held-out clips' captions and their normalised latents of the modality that
@@ -364,7 +382,7 @@ class VideoAudioRecipe(Recipe):
         stream = video_stream(cfg.data, "val", 0, 1, cfg.train.seed, num_workers=0)
         captions, latents = [], []
         for batch in stream:
-            xv, xa, _ = self.latents(cfg, helpers, batch)
+            xv, xa, _ = self.latents(cfg, helpers, to_device(batch, dist.device()))
             latents.append(xv if cfg.sample.mode == "video_to_audio" else xa)
             captions += batch["caption"]
             if len(captions) >= n:
@@ -372,18 +390,18 @@ class VideoAudioRecipe(Recipe):
         key = "video" if cfg.sample.mode == "video_to_audio" else "audio"
         return captions[:n], {key: torch.cat(latents)[:n].cpu()}
 
-    def sample(self, model, helpers, cfg: JointRunConfig, rank: int, world: int, step: int, out_dir: str) -> list[str]:
+    def sample(self, cfg: JointRunConfig, model, helpers, rank: int, world: int, step: int, out_dir: str) -> list[str]:
         """Rank 0 writes mp4s with sound, a PNG grid and the sync report; sample.mode picks joint generation or
         generation of one modality from held-out clips' other one (their captions are the prompts then)."""
         prompts = cfg.sample.prompts[: cfg.eval.samples]
         rendered = getattr(self, "_rendered", None)
         if cfg.sample.mode != "joint":
             prompts, given = self.given_latents(cfg, helpers, len(prompts))
-            clips = self.render(model, helpers, cfg, prompts, rank, world, step, given)
+            clips = self.render(cfg, model, helpers, prompts, rank, world, step, given)
         elif rendered is not None and rendered[0] == step and rendered[1] == prompts:
             clips = rendered[2]
         else:
-            clips = self.render(model, helpers, cfg, prompts, rank, world, step)
+            clips = self.render(cfg, model, helpers, prompts, rank, world, step)
         if rank != 0 or not prompts:
             return []
         out, lines = Path(out_dir), []

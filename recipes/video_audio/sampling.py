@@ -5,8 +5,10 @@ Each output modality m gets its own guidance on two conditions, the caption and 
     out_m = c_m + (text_m - 1) (c_m - no_text_m) + (cross_m - 1) (c_m - no_bridge_m)
 
 c is the conditional prediction, no_text the one with the null caption, no_bridge the one with the
-cross-modal attention cut (what modality dropout trains). Scales of 1 drop their term, and a branch that no
-modality needs is never computed; the branches run as one forward over the stacked batch.
+cross-modal attention cut (what modality dropout trains). With one term this is every recipe's CFG,
+u + s (c - u): a scale of 1 is off (its term dropped exactly), and a single scale of 0 gives exactly the
+unconditional branch. A branch that no modality needs is never computed; the branches run as one forward
+over the stacked batch.
 A modality given clean (video-to-audio, audio-to-video) stays fixed at t = 0 and only the other one moves.
 """
 
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 from framework.diffusion.flow import euler_step
+from framework.diffusion.guidance import cfg_combine
 
 # model_fn(video, audio, t_video, t_audio, text, text_mask, bridge) -> (video velocity, audio velocity)
 JointModelFn = Callable[..., tuple[Tensor, Tensor]]
@@ -46,16 +49,22 @@ def guided_velocity(model_fn: JointModelFn, v: Tensor, a: Tensor, tv: Tensor, ta
                             torch.cat([t for t, _, _ in branches]), torch.cat([m for _, m, _ in branches]), bridge)
     results = []
     for m, out in enumerate((out_v, out_a)):
-        parts = list(out.split(b))
-        c, k = parts[0], 1
-        guided = c
-        if any(s != 1.0 for s in guidance.text):
-            guided = guided + (guidance.text[m] - 1.0) * (c - parts[k])
-            k += 1
-        if any(s != 1.0 for s in guidance.cross):
-            guided = guided + (guidance.cross[m] - 1.0) * (c - parts[k])
-        results.append(guided)
+        c, *others = out.split(b)  # in the order of `branches`: conditional, [no caption], [no bridge]
+        scales = [s[m] for s in (guidance.text, guidance.cross) if any(x != 1.0 for x in s)]
+        results.append(combine_terms(c, list(zip(scales, others))))
     return results[0], results[1]
+
+
+def combine_terms(c: Tensor, terms: list[tuple[float, Tensor]]) -> Tensor:
+    """c + sum of (s - 1)(c - u) over terms (scale, unconditional output). A scale of 1 drops its term; a
+    single term is `cfg_combine`, so exactly c at s = 1 and exactly u at s = 0 (the sum would round both)."""
+    terms = [(s, u) for s, u in terms if s != 1.0]
+    if len(terms) == 1:
+        return cfg_combine(c, terms[0][1], terms[0][0])
+    out = c
+    for s, u in terms:
+        out = out + (s - 1.0) * (c - u)
+    return out
 
 
 @torch.no_grad()

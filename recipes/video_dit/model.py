@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.utils.checkpoint
@@ -24,8 +25,10 @@ class VideoDiTConfig:
     qk_norm: bool = True
     rope_theta: float = 10000.0
     text_dim: int = 128  # width of the text encoder's output
-    time_scale: float = 1000.0  # t in [0, 1] is embedded as t * time_scale
+    timestep_scale: float = 1000.0  # diffusion t in [0, 1] is embedded as t * timestep_scale
     activation_checkpointing: bool = False  # recompute blocks in backward (long clips at 480p and up)
+    # Keys saved under an older name (framework.config.from_dict reads them as the new one, with a warning).
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"time_scale": "timestep_scale"}
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -48,7 +51,7 @@ class VideoDiT(nn.Module):
         # A linear map of each flattened patch: the same function as a strided Conv3d, but a plain matmul
         # (bf16 Conv3d kernels with tiny kernels are slow on GPUs).
         self.patch_embed = nn.Linear(cfg.in_channels * self.patch[0] * self.patch[1] * self.patch[2], cfg.dim)
-        self.time_embed = TimestepEmbedder(cfg.dim, scale=cfg.time_scale)
+        self.time_embed = TimestepEmbedder(cfg.dim, scale=cfg.timestep_scale)
         self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim)
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
                                        nn.Linear(cfg.dim, cfg.dim))

@@ -16,14 +16,25 @@ from framework.config import ConfigError, RunConfig
 from framework.data.buckets import parse_buckets
 from framework.data.latents import LatentStream, cache_key
 from framework.diffusion import flow, gaussian
-from framework.diffusion.guidance import Guidance, drop_condition, replace_dropped
+from framework.diffusion.guidance import Guidance, drop_condition
 from framework.export.video_io import to_uint8, write_grid_png, write_mp4
 from framework.recipe import Built, Recipe
 from framework.rng import derive_seed
+from recipes.t2v_core import (
+    TextConditioned,
+    bucket_latent_shape,
+    check_sampler,
+    encode_text,
+    held_out_loss,
+    render_on_every_rank,
+    token_count,
+    unwrap,
+)
 from recipes.video_common import VideoDataConfig, check_vae_buckets, video_stream, video_tensor
 from recipes.video_dit.model import VideoDiT, VideoDiTConfig, count_parameters, train_flops_per_sample
 from recipes.video_dit.text_encoder import ByteTextEncoder, HFTextEncoder
-from recipes.video_dit.vae_ref import VaeRefConfig, latent_stats, load_vae
+from recipes.video_dit.vae_ref import VaeRefConfig, assumed_vae, latent_stats, load_vae, vae_config
+from recipes.video_vae.model import VideoVAEConfig
 
 SHAPES_PROMPTS = [f"a {c} {s} moves {d}" for c, s, d in [
     ("red", "circle", "left"), ("green", "square", "right"), ("blue", "triangle", "up"), ("yellow", "circle", "down"),
@@ -57,7 +68,7 @@ class VideoSampleConfig:
     prompts: list[str] = field(default_factory=lambda: list(SHAPES_PROMPTS))
     sampler: Literal["euler", "heun", "ddim", "ddpm"] = "euler"
     steps: int = 30
-    cfg_scale: float = 4.0
+    cfg_scale: float = 4.0  # CFG, uncond + s (cond - uncond) as in every recipe: 1 = off, 0 = unconditional
     seed: int = 0
     bucket: int = 0  # index into data.buckets giving resolution and frame count
 
@@ -73,33 +84,25 @@ class VideoDiTRunConfig(RunConfig):
     sample: VideoSampleConfig = field(default_factory=VideoSampleConfig)
 
 
-class TextToVideo(nn.Module):
+class TextToVideo(TextConditioned):
     """The trainable module: the DiT, the trainable text encoder if any, and the learned null caption."""
 
-    def __init__(self, cfg: VideoDiTRunConfig):
-        super().__init__()
-        self.dit = VideoDiT(cfg.model)
-        self.text_encoder = (ByteTextEncoder(cfg.model.text_dim, cfg.text.layers, cfg.text.heads, cfg.text.max_len)
-                             if cfg.text.encoder == "bytes" else None)
-        self.null_text = nn.Parameter(torch.zeros(1, 1, cfg.model.text_dim))
+    def __init__(self, cfg: VideoDiTRunConfig, dit: nn.Module | None = None):
+        """dit: any module called as dit(x, t, text, text_mask) -> like x (default: our VideoDiT of cfg.model)."""
+        dit = dit if dit is not None else VideoDiT(cfg.model)  # before the text encoder: seeded init draws in order
+        text_encoder = (ByteTextEncoder(cfg.model.text_dim, cfg.text.layers, cfg.text.heads, cfg.text.max_len)
+                        if cfg.text.encoder == "bytes" else None)
+        super().__init__(dit, text_encoder, cfg.model.text_dim)
 
     def null_condition(self, length: int) -> dict[str, Tensor]:
-        """The unconditional caption: the learned null token, then padding."""
-        mask = torch.zeros(1, length, dtype=torch.bool, device=self.null_text.device)
-        mask[:, 0] = True
-        return {"text": self.null_text.expand(1, length, -1), "text_mask": mask}
+        """The unconditional caption as the samplers' condition: the learned null token, then padding."""
+        text, mask = self.null_caption(length)
+        return {"text": text, "text_mask": mask}
 
     def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor, keep: Tensor | None = None) -> Tensor:
         """x (B, C, T, H, W), t (B,) in [0, 1], text (B, S, D), text_mask (B, S), keep (B,) caption dropout."""
-        if keep is not None:
-            null = self.null_condition(text.shape[1])
-            text = replace_dropped(text, null["text"], keep)
-            text_mask = replace_dropped(text_mask, null["text_mask"], keep)
+        text, text_mask = self.drop_caption(text, text_mask, keep)
         return self.dit(x, t, text, text_mask)
-
-
-def _unwrap(model) -> TextToVideo:
-    return model.module if hasattr(model, "module") else model
 
 
 class VideoDiTRecipe(Recipe):
@@ -108,10 +111,13 @@ class VideoDiTRecipe(Recipe):
     unit = "latent_tokens"
 
     def validate(self, cfg: VideoDiTRunConfig, world: int) -> None:
-        check_vae_buckets(cfg.data.buckets, cfg.train.micro_batch)
+        vae = self.vae_geometry(cfg)
+        self.check_vae(cfg, vae)
+        check_vae_buckets(cfg.data.buckets, cfg.train.micro_batch, vae.compression)
         if not 0 <= cfg.sample.bucket < len(cfg.data.buckets):
             raise ConfigError(f"sample.bucket={cfg.sample.bucket} is not an index into data.buckets "
                               f"({len(cfg.data.buckets)} buckets)")
+        check_sampler(cfg.diffusion.objective, cfg.sample.sampler)
 
     def describe(self, cfg: VideoDiTRunConfig) -> str:
         shape = self.latent_shape(cfg, cfg.sample.bucket)
@@ -120,21 +126,35 @@ class VideoDiTRecipe(Recipe):
         return (f"{n / 1e6:.2f}M DiT parameters, latent {tuple(shape)}, {self.tokens(cfg, shape)} tokens, "
                 f"{f / 1e12:.4f} TFLOPs per training sample")
 
-    # ---- shapes -------------------------------------------------------------------------------------
+    # ---- shapes: the VAE's geometry, never a formula of our own -------------------------------------
+    def vae_geometry(self, cfg: VideoDiTRunConfig) -> VideoVAEConfig:
+        """The VAE config latent shapes come from: the loaded helper's, else its export's config.json, else
+        (no export yet: --describe, unit tests) the default architecture at model.in_channels."""
+        loaded = getattr(self, "_vae_cfg", None)
+        if loaded is not None and loaded[0] == cfg.vae.path:
+            return loaded[1]
+        return vae_config(cfg.vae.path) or assumed_vae(cfg.model.in_channels)
+
+    def check_vae(self, cfg: VideoDiTRunConfig, vae: VideoVAEConfig) -> None:
+        if vae.latent_channels != cfg.model.in_channels:
+            raise ConfigError(f"model.in_channels={cfg.model.in_channels} but the VAE at {cfg.vae.path} has "
+                              f"{vae.latent_channels} latent channels")
+
     def latent_shape(self, cfg: VideoDiTRunConfig, bucket: int) -> tuple[int, int, int, int]:
-        h, w, frames = (int(v) for v in cfg.data.buckets[bucket].split(":")[0].split("x"))
-        return cfg.model.in_channels, 1 + (frames - 1) // 4, h // 8, w // 8
+        return bucket_latent_shape(self.vae_geometry(cfg), cfg.data.buckets[bucket])
 
     def tokens(self, cfg: VideoDiTRunConfig, shape) -> int:
-        p = cfg.model.patch
-        return (shape[-3] // p[0]) * (shape[-2] // p[1]) * (shape[-1] // p[2])
+        return token_count(shape, cfg.model.patch)
 
     # ---- building -----------------------------------------------------------------------------------
     def build_model(self, cfg: VideoDiTRunConfig) -> Built:
         return Built(model=TextToVideo(cfg))
 
     def build_helpers(self, cfg: VideoDiTRunConfig) -> dict[str, nn.Module]:
-        helpers: dict[str, nn.Module] = {"vae": load_vae(cfg.vae.path)}
+        vae = load_vae(cfg.vae.path)
+        self.check_vae(cfg, vae.cfg)
+        self._vae_cfg = (cfg.vae.path, vae.cfg)
+        helpers: dict[str, nn.Module] = {"vae": vae}
         if cfg.text.encoder != "bytes":
             if not Path(cfg.text.encoder).is_dir():
                 raise ConfigError(f"text.encoder: {cfg.text.encoder!r} is neither 'bytes' nor a local T5/UMT5 folder")
@@ -167,9 +187,7 @@ class VideoDiTRecipe(Recipe):
 
     # ---- training -----------------------------------------------------------------------------------
     def encode_text(self, model, helpers: dict, captions: list[str]) -> tuple[Tensor, Tensor]:
-        if "text_encoder" in helpers:
-            return helpers["text_encoder"](captions)
-        return _unwrap(model).text_encoder(captions)
+        return encode_text(model, helpers, captions)
 
     def latents(self, cfg: VideoDiTRunConfig, helpers: dict, batch: dict) -> Tensor:
         """Normalised VAE latents of a batch: from the cache, or encoded online (no grad)."""
@@ -220,52 +238,57 @@ class VideoDiTRecipe(Recipe):
             b, shape = batch["latents"].shape[0], tuple(batch["latents"].shape[2:])
         else:
             v = batch["video"]
-            b, shape = v.shape[0], (1 + (v.shape[2] - 1) // 4, v.shape[3] // 8, v.shape[4] // 8)
+            b, shape = v.shape[0], self.vae_geometry(cfg).latent_shape(*v.shape[2:])[1:]
         return float(b * self.tokens(cfg, shape)), b * train_flops_per_sample(cfg.model, shape, cfg.text.max_len)
 
     # ---- evaluation and sampling --------------------------------------------------------------------
-    def evaluate(self, model, helpers, cfg: VideoDiTRunConfig, rank: int, world: int, step: int) -> dict:
+    def evaluate(self, cfg: VideoDiTRunConfig, model, helpers, rank: int, world: int, step: int) -> dict:
         """Held-out loss at fixed noise draws, and prompt adherence of freshly sampled videos."""
         from recipes.video_dit.adherence import adherence
 
         stream = video_stream(cfg.data, "val", rank, world, cfg.train.seed, num_workers=0)
-        total = 0.0
-        batches = min(cfg.eval.batches, len(stream))
-        for i, batch in zip(range(batches), stream):
-            batch = {k: v.to(dist.device()) if torch.is_tensor(v) else v for k, v in batch.items()}
-            gen = torch.Generator(device=dist.device()).manual_seed(derive_seed(cfg.train.seed, rank, i, 7))
-            total += float(self.loss(cfg, model, helpers, batch, gen)[0])
-        (mean,) = dist.all_reduce([total / max(1, batches)], op="mean")
+        mean = held_out_loss(lambda batch, gen: self.loss(cfg, model, helpers, batch, gen)[0], stream,
+                             cfg.eval.batches, cfg.train.seed, rank)
         values = {"loss": mean}
         prompts = cfg.sample.prompts[: cfg.eval.samples]
         if prompts:
-            videos = self.render(model, helpers, cfg, prompts, rank, world, step)
+            videos = self.render(cfg, model, helpers, prompts, rank, world, step)
             self._rendered = (step, prompts, videos)
             values.update({f"adherence_{k}": v for k, v in adherence(videos, prompts).items()})
         return values
 
-    def render(self, model, helpers, cfg: VideoDiTRunConfig, prompts: list[str], rank: int, world: int,
+    def render(self, cfg: VideoDiTRunConfig, model, helpers, prompts: list[str], rank: int, world: int,
                step: int) -> list:
         """Every rank samples its share of the prompts (equal work: ZeRO-3 forwards are collective);
         returns all videos as uint8 (T, H, W, 3) arrays, in prompt order, on every rank."""
-        mine = dist.split_work(prompts, rank, world)
-        videos = self.generate(model, helpers, cfg, mine, derive_seed(cfg.sample.seed, rank, step))
-        return dist.gather_work([to_uint8(v) for v in videos], len(prompts), world)
+        def generate(mine: list[str]) -> list:
+            videos = self.generate(cfg, model, helpers, mine, derive_seed(cfg.sample.seed, rank, step))
+            return [to_uint8(v) for v in videos]
 
-    def generate(self, model, helpers, cfg: VideoDiTRunConfig, prompts: list[str], seed: int) -> Tensor:
+        return render_on_every_rank(prompts, rank, world, generate)
+
+    def generate(self, cfg: VideoDiTRunConfig, model, helpers, prompts: list[str], seed: int) -> Tensor:
         """Prompts -> videos (B, 3, T, H, W) in [-1, 1]: sample latents, then decode with the VAE."""
+        z = self.sample_latents(cfg, model, helpers, prompts, seed)
+        vae = helpers["vae"]
+        shift, scale = self.latent_stats(cfg, helpers)
+        with torch.no_grad():
+            z = (z / scale + shift).to(next(vae.parameters()).dtype)
+            return vae.decode(z, chunked=z.shape[2] > 9).float().clamp(-1, 1)
+
+    def sample_latents(self, cfg: VideoDiTRunConfig, model, helpers, prompts: list[str], seed: int) -> Tensor:
+        """Prompts -> normalised latents (B, C, T, h, w) by the sample.* sampler, guided by sample.cfg_scale."""
         s, d = cfg.sample, cfg.diffusion
+        check_sampler(d.objective, s.sampler)  # validate() said so already; a config edited since is caught here
         shape = (len(prompts), *self.latent_shape(cfg, s.bucket))
         text, mask = self.encode_text(model, helpers, prompts)
-        guidance = Guidance(s.cfg_scale, _unwrap(model).null_condition(text.shape[1]))
+        guidance = Guidance(s.cfg_scale, unwrap(model).null_condition(text.shape[1]))
         cond = {"text": text, "text_mask": mask}
         gen = torch.Generator(device=dist.device()).manual_seed(seed)
         if d.objective == "flow":
             noise = torch.randn(shape, generator=gen, device=gen.device)
             sigmas = flow.flow_sigmas(s.steps, d.shift or flow.resolution_shift(self.tokens(cfg, shape)))
             sampler = flow.euler_sample if s.sampler == "euler" else flow.heun_sample
-            if s.sampler not in ("euler", "heun"):
-                raise ConfigError(f"sample.sampler={s.sampler} is for the gaussian objective; flow uses euler or heun")
             z = sampler(model, noise, sigmas, cond=cond, guidance=guidance)
         else:
             def model_fn(x, t, **c):
@@ -275,18 +298,12 @@ class VideoDiTRecipe(Recipe):
             if s.sampler == "ddim":
                 z = gaussian.ddim_sample(model_fn, shape, schedule, d.prediction, s.steps, 0.0, gen, cond=cond,
                                          guidance=guidance, device=gen.device)
-            elif s.sampler == "ddpm":
+            else:
                 z = gaussian.ddpm_sample(model_fn, shape, schedule, d.prediction, gen, cond=cond, guidance=guidance,
                                          steps=s.steps, device=gen.device)
-            else:
-                raise ConfigError(f"sample.sampler={s.sampler} is for flow; the gaussian objective uses ddim or ddpm")
-        vae = helpers["vae"]
-        shift, scale = self.latent_stats(cfg, helpers)
-        with torch.no_grad():
-            z = (z / scale + shift).to(next(vae.parameters()).dtype)
-            return vae.decode(z, chunked=z.shape[2] > 9).float().clamp(-1, 1)
+        return z
 
-    def sample(self, model, helpers, cfg: VideoDiTRunConfig, rank: int, world: int, step: int, out_dir: str) -> list[str]:
+    def sample(self, cfg: VideoDiTRunConfig, model, helpers, rank: int, world: int, step: int, out_dir: str) -> list[str]:
         """Rank 0 writes the videos of this evaluation (rendered once, in evaluate) as mp4s and a PNG grid."""
         from recipes.video_dit.adherence import CHANCE, adherence
 
@@ -295,7 +312,7 @@ class VideoDiTRecipe(Recipe):
         if rendered is not None and rendered[0] == step and rendered[1] == prompts:
             videos = rendered[2]
         else:
-            videos = self.render(model, helpers, cfg, prompts, rank, world, step)
+            videos = self.render(cfg, model, helpers, prompts, rank, world, step)
         if rank != 0 or not prompts:
             return []
         lines = write_videos(videos, prompts, Path(out_dir), cfg.data.fps)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,36 @@ def load_vae(path: str) -> VideoVAE:
     vae = VideoVAE(VideoVAEConfig(**config["model"]))
     vae.load_state_dict(state)
     return vae.eval().requires_grad_(False)
+
+
+def vae_config(path: str) -> VideoVAEConfig | None:
+    """The VAE config of an export (its config.json only, no weights read); None where there is no export yet.
+
+    Latent geometry comes from this config's `compression` / `latent_shape` and nowhere else, so validate,
+    describe and work know the shapes before the weights are loaded.
+    """
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+        if config.get("recipe") != "video_vae":
+            raise ConfigError(f"vae.path: {path} holds a '{config.get('recipe')}' export, not a video_vae")
+        return VideoVAEConfig(**config["model"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"vae.path: {config_file} is not a video_vae export config: {e}") from e
+
+
+def assumed_vae(latent_channels: int, time_compression: int = 4) -> VideoVAEConfig:
+    """The default VAE architecture at this time compression (1, 2, 4 or 8): the geometry a run without its
+    VAE export yet (`--describe`, a unit test) works with; the export's own config replaces it once it exists."""
+    down = VideoVAEConfig().temporal_down
+    if time_compression < 1 or 2 ** round(math.log2(time_compression)) != time_compression \
+            or time_compression > 2 ** len(down):
+        raise ConfigError(f"temporal compression {time_compression} is not a power of two up to {2 ** len(down)}")
+    steps = round(math.log2(time_compression))
+    return VideoVAEConfig(latent_channels=latent_channels,
+                          temporal_down=[i >= len(down) - steps for i in range(len(down))])
 
 
 @torch.no_grad()

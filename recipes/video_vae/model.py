@@ -52,6 +52,23 @@ class VideoVAEConfig:
         space = 2 ** len(self.temporal_down)
         return 2 ** sum(self.temporal_down), space, space
 
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(latent_channels, T, h, w) that a (frames, height, width) video encodes to: the one place latent
+        geometry is computed (the first frame alone, then one latent per `compression[0]` frames)."""
+        self.check_video(frames, height, width)
+        ct, ch, cw = self.compression
+        return self.latent_channels, 1 + (frames - 1) // ct, height // ch, width // cw
+
+    def check_video(self, frames: int, height: int, width: int) -> None:
+        """ValueError unless the VAE can encode a video of this size (1 + k * compression[0] frames)."""
+        ct, ch, cw = self.compression
+        if frames < 1 or (frames - 1) % ct:
+            raise ValueError(
+                f"video has {frames} frames; the VAE needs 1 + {ct}k frames (1, {1 + ct}, {1 + 2 * ct}, ...)"
+            )
+        if height % ch or width % cw:
+            raise ValueError(f"frame size {height}x{width} must be divisible by the spatial compression {ch}x{cw}")
+
 
 class FrameGroupNorm(nn.GroupNorm):
     """GroupNorm over channel groups and space, separately for every frame: never mixes frames, so it stays
@@ -205,18 +222,10 @@ class VideoVAE(nn.Module):
     def latent_shape(self, video_shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
         """(..., C, T, H, W) -> (..., latent_channels, 1 + (T - 1) / 4, H / 8, W / 8) with the defaults."""
         *lead, _, t, h, w = video_shape
-        self._check_video(t, h, w)
-        ct, ch, cw = self.compression
-        return (*lead, self.cfg.latent_channels, 1 + (t - 1) // ct, h // ch, w // cw)
+        return (*lead, *self.cfg.latent_shape(t, h, w))
 
     def _check_video(self, t: int, h: int, w: int) -> None:
-        ct, ch, cw = self.compression
-        if t < 1 or (t - 1) % ct:
-            raise ValueError(
-                f"video has {t} frames; the VAE needs 1 + {ct}k frames (1, {1 + ct}, {1 + 2 * ct}, ...)"
-            )
-        if h % ch or w % cw:
-            raise ValueError(f"frame size {h}x{w} must be divisible by the spatial compression {ch}x{cw}")
+        self.cfg.check_video(t, h, w)
 
     def encode(self, x: Tensor, chunked: bool = True) -> tuple[Tensor, Tensor]:
         """x: (B, C, 1 + 4k, H, W) -> mean, logvar: (B, latent, 1 + k, H/8, W/8).

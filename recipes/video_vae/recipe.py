@@ -44,11 +44,12 @@ class VideoVaeRecipe(Recipe):
     unit = "frames"
 
     def validate(self, cfg: VideoVaeConfig, world: int) -> None:
-        check_vae_buckets(cfg.data.buckets, cfg.train.micro_batch)
+        check_vae_buckets(cfg.data.buckets, cfg.train.micro_batch, cfg.model.compression)
 
     def describe(self, cfg: VideoVaeConfig) -> str:
         n = sum(p.numel() for p in VideoVAE(cfg.model).parameters())
-        return f"{n / 1e6:.2f}M parameters, 4x8x8 compression to {cfg.model.latent_channels} latent channels"
+        ct, ch, cw = cfg.model.compression
+        return f"{n / 1e6:.2f}M parameters, {ct}x{ch}x{cw} compression to {cfg.model.latent_channels} latent channels"
 
     def build_model(self, cfg: VideoVaeConfig) -> Built:
         return Built(model=VideoVAE(cfg.model))
@@ -72,7 +73,7 @@ class VideoVaeRecipe(Recipe):
         mean, _ = vae.encode(x, chunked=x.shape[2] > 33)  # chunks only where memory needs them
         return vae.decode(mean, chunked=x.shape[2] > 33)
 
-    def evaluate(self, model, helpers, cfg: VideoVaeConfig, rank: int, world: int, step: int) -> dict:
+    def evaluate(self, cfg: VideoVaeConfig, model, helpers, rank: int, world: int, step: int) -> dict:
         stream = video_stream(cfg.data, "val", rank, world, cfg.train.seed, num_workers=0)
         total, count = 0.0, 0
         for _, batch in zip(range(min(cfg.eval.batches, len(stream))), stream):
@@ -82,7 +83,7 @@ class VideoVaeRecipe(Recipe):
         total, count = dist.all_reduce([total, float(count)], op="sum")
         return {"psnr_db": total / max(1.0, count)}
 
-    def sample(self, model, helpers, cfg: VideoVaeConfig, rank: int, world: int, step: int, out_dir: str) -> list[str]:
+    def sample(self, cfg: VideoVaeConfig, model, helpers, rank: int, world: int, step: int, out_dir: str) -> list[str]:
         """Side-by-side input | reconstruction mp4s of the first held-out clips (rank 0 writes)."""
         stream = video_stream(cfg.data, "val", rank, world, cfg.train.seed, num_workers=0)
         x = video_tensor(next(iter(stream)))[: cfg.eval.samples].to(dist.device())

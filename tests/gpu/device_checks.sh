@@ -14,7 +14,7 @@ python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspee
 
 if [[ $SECTIONS == *tests* ]]; then
   echo "== GPU tests"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log"
 fi
 
 if [[ $SECTIONS == *llada* ]]; then

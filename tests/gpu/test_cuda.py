@@ -1,4 +1,5 @@
-"""The GPU path: CUDA generators, bf16 model math, flash-attn vs SDPA, and the trainer on NCCL (skipped on CPU)."""
+"""The GPU path: CUDA generators, bf16 model math, flash-attn vs SDPA, the trainer on NCCL and the joint-AV
+recipe's evaluation on CUDA (skipped on CPU)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,16 @@ def test_video_dit_bf16_step_on_cuda():
     out = model(x, torch.rand(2, device="cuda"), text, mask)
     out.float().pow(2).mean().backward()
     assert out.shape == x.shape and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_joint_av_evaluation_and_sampling_move_cpu_batches_to_the_gpu(flash_beep, tmp_path):
+    """The joint recipe's evaluate (held-out loss, rendering, sync) and video-to-audio sample hooks with the
+    model and VAEs on CUDA and the loader's CPU batches: every batch goes through t2v_core.to_device, as in
+    the video recipe (before, the joint evaluation fed CPU frames to the CUDA VAE)."""
+    import math
+
+    from tests.vae_exports import joint_evaluation
+
+    values, lines = joint_evaluation(flash_beep, tmp_path, "cuda")
+    assert math.isfinite(values["loss"]) and values["loss"] > 0
+    assert "sync_within_40ms" in values and lines[-1].startswith("sync (video_to_audio)")

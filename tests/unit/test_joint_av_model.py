@@ -56,7 +56,7 @@ def _random_scores(shift_q: float, shift_k: float, shared: bool) -> torch.Tensor
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 3, 5, 16, generator=g), torch.randn(2, 3, 12, 16, generator=g)
     q_times, k_times = video_token_times(5, fps=25), audio_token_times(12)
-    return cross_modal_scores(q, k, q_times + shift_q, k_times + shift_k, time_scale=25.0, shared_time_rope=shared)
+    return cross_modal_scores(q, k, q_times + shift_q, k_times + shift_k, positions_per_second=25.0, shared_time_rope=shared)
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -110,7 +110,7 @@ def _video_tower_alone(model: JointAVDiT, video, tv, text) -> torch.Tensor:
     tokens, grid = model.video.embed(video)
     c, time6 = model.video.condition(tv)
     vt = model.token_times(video.shape[2], 1)[0]
-    rope = rope_tables(video_positions(vt, grid, cfg.time_scale), cfg.head_dim, cfg.rope_theta)
+    rope = rope_tables(video_positions(vt, grid, cfg.rope_positions_per_second), cfg.head_dim, cfg.rope_theta)
     context = model.video.text_proj(text)
     for block in model.blocks:
         tokens = block.video(tokens, time6, rope, context)
