@@ -179,7 +179,8 @@ def write(state: dict[str, torch.Tensor], config: dict, out_dir: str | Path, sou
     config: the CONFIG_KEYS values (WanConfig.diffusers_config()); other keys are refused, since diffusers
     would silently ignore them.
     Weights keep their dtype (fp32 or bf16 from the export); more than max_shard_bytes go into shards
-    with diffusers' index file. `source` (recipe, step, ema) is recorded in config.json as `framework_source`.
+    with diffusers' index file. `source` (recipe, step, ema) is recorded in config.json as `_framework_source`
+    (a leading underscore: diffusers drops private keys instead of warning about an unexpected one).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +190,7 @@ def write(state: dict[str, torch.Tensor], config: dict, out_dir: str | Path, sou
     weights = to_diffusers(state, config)
     raw = {"_class_name": CLASS_NAME, "_diffusers_version": DIFFUSERS_VERSION, **config, **{k: None for k in IMAGE_KEYS}}
     if source:
-        raw["framework_source"] = source
+        raw["_framework_source"] = source
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     written = [str(out / "config.json")]
     shards = _shards(weights, max_shard_bytes)

@@ -1,17 +1,31 @@
-"""3-D spacetime-patch video DiT: patch embedding, 3-D RoPE, adaLN-Zero, cross-attention to text."""
+"""3-D spacetime-patch video DiT: patch embedding, 3-D RoPE, adaLN-Zero, cross-attention to text.
+
+`VideoDiTConfig` is also the `model:` section of the recipe for `model.arch: wan` (recipes/video_dit/wan.py).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from framework.config import ConfigError
 from framework.nn.dit import DiTBlock, FinalLayer, TimestepEmbedder, patchify, unpatchify
 from framework.nn.init import gathered_for_init, xavier_linears
 from framework.nn.rope_nd import default_bands, grid_positions, rope_nd
+from recipes.video_dit.wan import WanConfig
+
+# The fields every architecture has (what the recipe, the memory planner and the benchmarks read): with
+# arch=wan they take model.wan's values. Our name -> WanConfig's name.
+SHARED_WITH_WAN = {"in_channels": "in_channels", "patch": "patch_size", "text_dim": "text_dim"}
+# Where a VideoDiT-only setting lives in model.wan (for the error message).
+WAN_NAME = {"dim": "num_attention_heads x model.wan.attention_head_dim", "depth": "num_layers",
+            "heads": "num_attention_heads", "ffn_hidden": "ffn_dim", "timestep_scale": "timestep_scale",
+            "activation_checkpointing": "activation_checkpointing"}
 
 
 @dataclass
@@ -27,10 +41,15 @@ class VideoDiTConfig:
     text_dim: int = 128  # width of the text encoder's output
     timestep_scale: float = 1000.0  # diffusion t in [0, 1] is embedded as t * timestep_scale
     activation_checkpointing: bool = False  # recompute blocks in backward (long clips at 480p and up)
+    # "dit": the fields above (our VideoDiT); "wan": diffusers' WanTransformer3DModel, shaped by `wan` alone.
+    arch: Literal["dit", "wan"] = "dit"
+    wan: WanConfig = field(default_factory=WanConfig)
     # Keys saved under an older name (framework.config.from_dict reads them as the new one, with a warning).
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"time_scale": "timestep_scale"}
 
     def __post_init__(self) -> None:
+        if self.arch == "wan":
+            self._follow_wan()
         if self.dim % self.heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
         if len(self.patch) != 3 or min(self.patch) < 1:
@@ -39,6 +58,30 @@ class VideoDiTConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
+
+    def _follow_wan(self) -> None:
+        """arch=wan: refuse VideoDiT-only settings (they would be silently ignored), then copy model.wan's
+        latent channels, patch and text width into the shared fields, so code reading `model.in_channels`,
+        `model.patch` or `model.text_dim` sees the model that is built. A shared field may stay at its default
+        or equal model.wan's value (what a saved config of an arch=wan run holds)."""
+        defaults = VideoDiTConfig()
+        problems = []
+        for f in dataclasses.fields(self):
+            if f.name in ("arch", "wan"):
+                continue
+            value, default = getattr(self, f.name), getattr(defaults, f.name)
+            if f.name in SHARED_WITH_WAN:
+                wan_name = SHARED_WITH_WAN[f.name]
+                if value != default and value != getattr(self.wan, wan_name):
+                    problems.append(f"model.{f.name}={value} differs from model.wan.{wan_name}="
+                                    f"{getattr(self.wan, wan_name)}")
+            elif value != default:
+                where = f"model.wan.{WAN_NAME[f.name]}" if f.name in WAN_NAME else "no Wan equivalent"
+                problems.append(f"model.{f.name}={value} is a model.arch=dit setting (arch=wan: {where})")
+        if problems:
+            raise ConfigError("model.arch=wan: " + "; ".join(problems))
+        for ours, theirs in SHARED_WITH_WAN.items():
+            setattr(self, ours, list(getattr(self.wan, theirs)) if ours == "patch" else getattr(self.wan, theirs))
 
 
 class VideoDiT(nn.Module):

@@ -17,6 +17,7 @@ from framework.data.buckets import parse_buckets
 from framework.data.latents import LatentStream, cache_key
 from framework.diffusion import flow, gaussian
 from framework.diffusion.guidance import Guidance, drop_condition
+from framework.export import diffusers_wan
 from framework.export.video_io import to_uint8, write_grid_png, write_mp4
 from framework.recipe import Built, Recipe
 from framework.rng import derive_seed
@@ -31,9 +32,12 @@ from recipes.t2v_core import (
     unwrap,
 )
 from recipes.video_common import VideoDataConfig, check_vae_buckets, video_stream, video_tensor
-from recipes.video_dit.model import VideoDiT, VideoDiTConfig, count_parameters, train_flops_per_sample
+from recipes.video_dit import model as dit_model
+from recipes.video_dit import wan
+from recipes.video_dit.model import VideoDiT, VideoDiTConfig
 from recipes.video_dit.text_encoder import ByteTextEncoder, HFTextEncoder
 from recipes.video_dit.vae_ref import VaeRefConfig, assumed_vae, latent_stats, load_vae, vae_config
+from recipes.video_dit.wan import WanDiT
 from recipes.video_vae.model import VideoVAEConfig
 
 SHAPES_PROMPTS = [f"a {c} {s} moves {d}" for c, s, d in [
@@ -88,8 +92,10 @@ class TextToVideo(TextConditioned):
     """The trainable module: the DiT, the trainable text encoder if any, and the learned null caption."""
 
     def __init__(self, cfg: VideoDiTRunConfig, dit: nn.Module | None = None):
-        """dit: any module called as dit(x, t, text, text_mask) -> like x (default: our VideoDiT of cfg.model)."""
-        dit = dit if dit is not None else VideoDiT(cfg.model)  # before the text encoder: seeded init draws in order
+        """dit: any module called as dit(x, t, text, text_mask) -> like x (default: cfg.model.arch's DiT).
+        cfg.model.text_dim is model.wan.text_dim under arch=wan (VideoDiTConfig copies it)."""
+        if dit is None:  # before the text encoder: seeded init draws in order
+            dit = WanDiT(cfg.model.wan) if cfg.model.arch == "wan" else VideoDiT(cfg.model)
         text_encoder = (ByteTextEncoder(cfg.model.text_dim, cfg.text.layers, cfg.text.heads, cfg.text.max_len)
                         if cfg.text.encoder == "bytes" else None)
         super().__init__(dit, text_encoder, cfg.model.text_dim)
@@ -118,13 +124,41 @@ class VideoDiTRecipe(Recipe):
             raise ConfigError(f"sample.bucket={cfg.sample.bucket} is not an index into data.buckets "
                               f"({len(cfg.data.buckets)} buckets)")
         check_sampler(cfg.diffusion.objective, cfg.sample.sampler)
+        if cfg.model.arch == "wan":
+            self.check_wan(cfg)
+
+    def check_wan(self, cfg: VideoDiTRunConfig) -> None:
+        """What WanDiT would refuse only at its first forward: output channels other than the latents', and
+        buckets whose latent grid outruns diffusers' RoPE table."""
+        w = cfg.model.wan
+        if w.out_channels != w.in_channels:
+            raise ConfigError(f"model.wan.out_channels={w.out_channels} but the recipe predicts latents of "
+                              f"model.wan.in_channels={w.in_channels}")
+        for i, bucket in enumerate(cfg.data.buckets):
+            grid = [n // p for n, p in zip(self.latent_shape(cfg, i)[1:], w.patch_size)]
+            if max(grid) > w.rope_max_seq_len:
+                raise ConfigError(f"data.buckets: {bucket!r} gives a latent grid {grid}, beyond "
+                                  f"model.wan.rope_max_seq_len={w.rope_max_seq_len} positions per axis")
 
     def describe(self, cfg: VideoDiTRunConfig) -> str:
         shape = self.latent_shape(cfg, cfg.sample.bucket)
-        n = count_parameters(cfg.model)
-        f = train_flops_per_sample(cfg.model, shape[1:], cfg.text.max_len)
-        return (f"{n / 1e6:.2f}M DiT parameters, latent {tuple(shape)}, {self.tokens(cfg, shape)} tokens, "
-                f"{f / 1e12:.4f} TFLOPs per training sample")
+        n = self.arch(cfg).count_parameters(self.arch_config(cfg))
+        f = self.train_flops(cfg, shape[1:])
+        return (f"{n / 1e6:.2f}M DiT parameters ({n:,}, model.arch={cfg.model.arch}), latent {tuple(shape)}, "
+                f"{self.tokens(cfg, shape)} tokens, {f / 1e12:.4f} TFLOPs per training sample")
+
+    @staticmethod
+    def arch(cfg: VideoDiTRunConfig):
+        """The module of cfg.model.arch: its count_parameters / train_flops_per_sample take arch_config(cfg)."""
+        return wan if cfg.model.arch == "wan" else dit_model
+
+    @staticmethod
+    def arch_config(cfg: VideoDiTRunConfig):
+        return cfg.model.wan if cfg.model.arch == "wan" else cfg.model
+
+    def train_flops(self, cfg: VideoDiTRunConfig, latent_thw) -> float:
+        """Training FLOPs of one sample of latents (T, h, w) with text.max_len caption tokens."""
+        return self.arch(cfg).train_flops_per_sample(self.arch_config(cfg), tuple(latent_thw), cfg.text.max_len)
 
     # ---- shapes: the VAE's geometry, never a formula of our own -------------------------------------
     def vae_geometry(self, cfg: VideoDiTRunConfig) -> VideoVAEConfig:
@@ -164,6 +198,35 @@ class VideoDiTRecipe(Recipe):
                                   f"{encoder.hidden_size}")
             helpers["text_encoder"] = encoder
         return helpers
+
+    def initial_weights(self, cfg: VideoDiTRunConfig, path: str) -> dict[str, Tensor]:
+        """train.init_from: with model.arch=wan also a diffusers WanTransformer3DModel folder (the released
+        `transformer/`), whose config.json must describe model.wan; else our checkpoints and exports."""
+        if not diffusers_wan.is_diffusers_folder(path):
+            if diffusers_wan.is_diffusers_folder(Path(path) / "transformer"):
+                raise ConfigError(f"train.init_from: {path} is a diffusers pipeline; give its transformer folder "
+                                  f"{Path(path) / 'transformer'}")
+            return super().initial_weights(cfg, path)
+        if cfg.model.arch != "wan":
+            raise ConfigError(f"train.init_from: {path} is a diffusers WanTransformer3DModel folder, which needs "
+                              f"model.arch=wan (this run has model.arch={cfg.model.arch})")
+        try:
+            dit = wan.load_diffusers_folder(path, cfg.model.wan)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"train.init_from: {e}") from None
+        return {**fresh_non_dit_weights(cfg), **{f"dit.{k}": v for k, v in dit.items()}}
+
+    def export(self, state_dict: dict, cfg: VideoDiTRunConfig, fmt: str, out_dir: str,
+               source: dict | None = None) -> list[str]:
+        """--format diffusers (model.arch=wan): the DiT as a folder WanTransformer3DModel.from_pretrained loads.
+        The learned null caption and a trainable text encoder have no place there and are left out."""
+        if fmt != "diffusers":
+            raise ConfigError(f"--format {fmt}: recipe '{self.name}' exports 'safetensors' and, with "
+                              f"model.arch=wan, 'diffusers'")
+        if cfg.model.arch != "wan":
+            raise ConfigError(f"--format diffusers writes diffusers' WanTransformer3DModel, but this run has "
+                              f"model.arch={cfg.model.arch}; use --format safetensors")
+        return wan.export_diffusers(state_dict, cfg.model.wan, out_dir, prefix="dit.", source=source)
 
     def build_data(self, cfg: VideoDiTRunConfig, split: str, rank: int, world: int, batch_multiple: int = 1):
         if cfg.data.latents and split == "train":
@@ -239,7 +302,7 @@ class VideoDiTRecipe(Recipe):
         else:
             v = batch["video"]
             b, shape = v.shape[0], self.vae_geometry(cfg).latent_shape(*v.shape[2:])[1:]
-        return float(b * self.tokens(cfg, shape)), b * train_flops_per_sample(cfg.model, shape, cfg.text.max_len)
+        return float(b * self.tokens(cfg, shape)), b * self.train_flops(cfg, shape)
 
     # ---- evaluation and sampling --------------------------------------------------------------------
     def evaluate(self, cfg: VideoDiTRunConfig, model, helpers, rank: int, world: int, step: int) -> dict:
@@ -319,6 +382,16 @@ class VideoDiTRecipe(Recipe):
         a = adherence(videos, prompts)
         lines.append("prompt adherence: " + ", ".join(f"{k} {a[k]:.2f} (chance {CHANCE[k]:.2f})" for k in CHANCE))
         return lines
+
+
+def fresh_non_dit_weights(cfg: VideoDiTRunConfig) -> dict[str, Tensor]:
+    """The weights of TextToVideo outside its DiT (the learned null caption, a trainable byte encoder), freshly
+    initialised: a diffusers transformer folder has none of them. Seeded by train.seed alone, so every rank
+    (each reads the folder itself below ZeRO-3) starts from the same values."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        module = TextToVideo(cfg, dit=nn.Identity())
+    return {k: v.detach() for k, v in module.state_dict().items()}
 
 
 def write_videos(videos: list, prompts: list[str], out: Path, fps: float) -> list[str]:

@@ -28,6 +28,7 @@ import torch.utils.checkpoint
 from einops import rearrange
 from torch import Tensor, nn
 
+from framework.config import ConfigError
 from framework.export import diffusers_wan
 from framework.export.diffusers_wan import CONFIG_KEYS
 from framework.nn.attention import attention
@@ -63,9 +64,9 @@ class WanConfig:
 
     def __post_init__(self) -> None:
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"model.wan.patch_size must be three positive sizes (pt, ph, pw), got {self.patch_size}")
+            raise ConfigError(f"model.wan.patch_size must be three positive sizes (pt, ph, pw), got {self.patch_size}")
         if self.attention_head_dim % 2:
-            raise ValueError(f"model.wan.attention_head_dim={self.attention_head_dim} must be even for RoPE")
+            raise ConfigError(f"model.wan.attention_head_dim={self.attention_head_dim} must be even for RoPE")
         self.patch_size = [int(p) for p in self.patch_size]
 
     @property

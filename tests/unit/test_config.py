@@ -1,5 +1,6 @@
 """Config errors name the key before any work starts; overrides and presets resolve to typed values."""
 
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,38 @@ def test_video_buckets_are_checked_before_any_work():
         load_run_config(str(ROOT / "recipes/video_vae/configs/tiny.yaml"), ["data.buckets=['60x64x17:8']"], world=1)
     with pytest.raises(ConfigError, match=r"train.micro_batch=16 but the largest bucket batch in data.buckets is 8"):
         load_run_config(dit, ["train.micro_batch=16", "train.global_batch=16"], world=1)
-    for preset in ("dit_xl2", "wan2_1_1_3b", "wan2_1_14b"):
+    for preset in ("dit_xl2", "wan2_1_1_3b", "wan2_1_14b", "wan2_1_t2v_1_3b", "wan2_1_t2v_14b"):
         cfg, recipe = load_run_config(str(ROOT / f"recipes/video_dit/configs/{preset}.yaml"), [], world=8)
         assert "DiT parameters" in recipe.describe(cfg)
+
+
+@pytest.mark.parametrize("preset, released", [("wan2_1_t2v_1_3b", 1_418_996_800), ("wan2_1_t2v_14b", 14_288_491_584)])
+def test_released_wan_presets_describe_without_allocating(preset, released):
+    """--describe of the released Wan shapes: diffusers' parameter count, counted on the meta device (the 14B
+    model in fp32 would need 57 GB)."""
+    from framework import lora
+
+    cfg, recipe = load_run_config(str(ROOT / f"recipes/video_dit/configs/{preset}.yaml"), [], world=8)
+    assert (cfg.model.arch, cfg.model.in_channels, cfg.model.text_dim) == ("wan", 16, 4096)
+    assert f"({released:,}, model.arch=wan)" in recipe.describe(cfg)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    line = lora.describe(cfg, recipe, world=8)
+    assert f"trainable {released + 4096:,} / frozen 0" in line  # plus the learned null caption (4096 wide)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2**20  # less than 1 GiB more
+
+
+def test_wan_arch_refuses_dit_settings():
+    dit = str(ROOT / "recipes/video_dit/configs/tiny.yaml")
+    with pytest.raises(ConfigError, match=r"model.arch=wan: model.depth=2 is a model.arch=dit setting \(arch=wan: "
+                                          r"model.wan.num_layers\)"):
+        load_run_config(dit, ["model.arch=wan", "model.depth=2"], world=1)
+    with pytest.raises(ConfigError, match=r"model.text_dim=64 differs from model.wan.text_dim=4096"):
+        load_run_config(dit, ["model.arch=wan", "model.text_dim=64"], world=1)
+    with pytest.raises(ConfigError, match=r"model.wan.out_channels=8 but the recipe predicts latents of "
+                                          r"model.wan.in_channels=16"):
+        load_run_config(dit, ["model.arch=wan", "model.wan.out_channels=8"], world=1)
+    with pytest.raises(ConfigError, match=r"data.buckets: '64x64x17:8' gives a latent grid \[5, 4, 4\], beyond "
+                                          r"model.wan.rope_max_seq_len=4 positions per axis"):
+        load_run_config(dit, ["model.arch=wan", "model.wan.rope_max_seq_len=4"], world=1)
+    cfg, _ = load_run_config(dit, ["model.arch=wan", "model.wan.text_dim=64", "model.wan.patch_size=[1, 1, 1]"], world=1)
+    assert (cfg.model.text_dim, cfg.model.patch) == (64, [1, 1, 1])  # the shared fields follow model.wan
