@@ -2,13 +2,22 @@
 
 One loop serves the three decoders of the literature:
 - LLaDA reference (Nie et al. 2025): a fixed number of steps per semi-autoregressive block, each step
-  commits the k most confident (or random) masked tokens of the block; Gumbel-max sampling in float64; CFG.
+  commits the k most confident (or random) masked tokens of the block; Gumbel-max sampling in float64; CFG
+  with the framework's convention (framework/diffusion/guidance.py): uncond + s (cond - uncond), s = 1 off,
+  s = 0 unconditional; LLaDA's own `cfg_scale = w` is s = w + 1.
 - Confidence-threshold parallel decoding (Fast-dLLM, Wu et al. 2025): each step commits every masked
   token of the block whose confidence is >= threshold, and always at least the most confident one.
 - Approximate KV caching (Fast-dLLM): at each block boundary one full forward refreshes the keys and
   values of the prefix (and, "dual", of the suffix); the block's later steps run only the block (prefix
   mode: block + suffix) against that cache. Keys are cached after RoPE, so positions stay exact; what is
   approximate is that cached tokens do not see the block change until the next refresh.
+
+Confidence (`confidence`): the probability of the predicted token under the full softmax, as LLaDA's
+generate.py computes it ("full"), or under the softmax without the mask token, p / (1 - p_mask)
+("without_mask", this framework's earlier convention). They rank positions differently when the model puts
+mass on the mask token unevenly, so published settings reproduce token for token only with "full". The
+prediction itself never is the mask token in either mode (generate.py could commit it, leaving the position
+masked; a trained model practically never prefers it).
 
 Rows stop independently: a row is finished once its answer holds an EOS with no mask before it; it is
 then dropped from the working batch (no more compute), and everything after its first EOS reads EOS.
@@ -27,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from framework.diffusion.guidance import cfg_combine
 from framework.diffusion.masked import add_gumbel_noise, num_transfer_tokens
 
 
@@ -40,7 +50,8 @@ class DecodeConfig:
     refresh_every: int = 0  # with a cache: also refresh every this many steps inside a block (0: never)
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     temperature: float = 0.0
-    cfg_scale: float = 0.0  # classifier-free guidance: unconditional rows have the prompt masked
+    cfg_scale: float = 1.0  # CFG: uncond + s (cond - uncond), 1 = off, 0 = unconditional (the prompt masked)
+    confidence: Literal["without_mask", "full"] = "without_mask"  # softmax the confidence is read from
 
     def __post_init__(self) -> None:
         if self.gen_length % self.block_length:
@@ -52,6 +63,8 @@ class DecodeConfig:
             raise ValueError(f"cache={self.cache!r}; valid: 'none', 'prefix', 'dual'")
         if self.remasking not in ("low_confidence", "random"):
             raise ValueError(f"remasking={self.remasking!r}; valid: 'low_confidence', 'random'")
+        if self.confidence not in ("without_mask", "full"):
+            raise ValueError(f"confidence={self.confidence!r}; valid: 'without_mask', 'full'")
 
 
 @dataclass
@@ -123,11 +136,11 @@ class _Rows:
 
 
 def _guide(logits: Tensor, guided: bool, scale: float) -> Tensor:
-    """LLaDA's CFG: uncond + (scale + 1) (cond - uncond) on the doubled batch; identity without it."""
+    """CFG on the doubled batch: uncond + scale (cond - uncond) (LLaDA's w is scale - 1); identity without it."""
     if not guided:
         return logits
     cond, uncond = logits.chunk(2)
-    return uncond + (scale + 1.0) * (cond - uncond)
+    return cfg_combine(cond, uncond, scale)
 
 
 def _predict(logits: Tensor, cfg: DecodeConfig, mask_id: int,
@@ -135,14 +148,14 @@ def _predict(logits: Tensor, cfg: DecodeConfig, mask_id: int,
     """Predicted tokens and their confidence (softmax probability, or random): (R, Lb, V) -> 2 x (R, Lb).
 
     The mask token is never a prediction: committing it would leave the position masked, and a
-    threshold decoder would loop on it forever.
+    threshold decoder would loop on it forever. Its probability still counts in the "full" confidence.
     """
-    logits = logits.clone()
-    logits[..., mask_id] = -math.inf
-    x0 = add_gumbel_noise(logits, cfg.temperature, gen).argmax(dim=-1)
+    no_mask = logits.clone()
+    no_mask[..., mask_id] = -math.inf
+    x0 = add_gumbel_noise(no_mask, cfg.temperature, gen).argmax(dim=-1)
     if cfg.remasking == "random":
         return x0, torch.rand(x0.shape, generator=gen, device=x0.device)
-    probs = F.softmax(logits.float(), dim=-1)
+    probs = F.softmax((logits if cfg.confidence == "full" else no_mask).float(), dim=-1)
     return x0, probs.gather(-1, x0[..., None]).squeeze(-1)
 
 
@@ -175,7 +188,7 @@ def decode(
     g, bl = cfg.gen_length, cfg.block_length
     answer_masks = torch.full((batch, g), mask_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
     key_mask, positions = left_pad_positions(prompt_mask, g)
-    guided = cfg.cfg_scale > 0
+    guided = cfg.cfg_scale != 1.0  # 1 = off: no unconditional rows at all
     rows = _Rows(torch.cat((prompt_ids, answer_masks), dim=1), key_mask, positions, p, mask_id, guided)
     out = answer_masks.clone()
     steps_per_block = 0 if cfg.threshold else cfg.steps // (g // bl)

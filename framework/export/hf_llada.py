@@ -41,6 +41,7 @@ class LladaHFConfig(PretrainedConfig):
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: int = 0
     ffn_hidden: int = 683
     max_seq_len: int = 256
     rope_theta: float = 10000.0
@@ -50,6 +51,7 @@ class LladaHFConfig(PretrainedConfig):
     mask_id: int = 4
     causal: bool = False
     init_std: float = 0.02
+    activation_checkpointing: bool = False
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from framework.nn.attention import attention, build_attention_mask
@@ -26,6 +27,7 @@ class LladaModelConfig:
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: int = 0  # key/value heads, fewer than n_heads for grouped-query attention; 0 = n_heads
     ffn_hidden: int = 683
     max_seq_len: int = 256
     rope_theta: float = 10000.0
@@ -35,12 +37,15 @@ class LladaModelConfig:
     mask_id: int = 4
     causal: bool = False  # True gives the autoregressive twin used for speed and quality comparisons
     init_std: float = 0.02
+    activation_checkpointing: bool = False  # recompute each block in backward (8B SFT at 4096 tokens)
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
+        if self.n_kv_heads < 0 or self.n_heads % self.kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} (0 = n_heads)")
         if not 0 <= self.mask_id < self.vocab_size:
             raise ValueError(f"mask_id={self.mask_id} must lie in [0, vocab_size={self.vocab_size})")
 
@@ -48,12 +53,16 @@ class LladaModelConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
 
 @dataclass
 class KVCache:
     """Per-layer keys (RoPE already applied) and values of cached tokens, and which of them are real.
 
-    keys[l], values[l]: (B, H, Lc, head_dim); mask: (B, Lc) bool, False for padding. Because RoPE is
+    keys[l], values[l]: (B, H_kv, Lc, head_dim); mask: (B, Lc) bool, False for padding. Because RoPE is
     applied before caching, cached tokens keep their own positions wherever they sit in the cache, so a
     cache may hold a prefix and a suffix of the sequence side by side.
     """
@@ -82,14 +91,15 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with optional per-head qk RMSNorm and RoPE."""
+    """Multi-head self-attention with optional per-head qk RMSNorm and RoPE; n_kv_heads < n_heads shares each
+    key/value head among n_heads / n_kv_heads consecutive query heads (grouped-query attention)."""
 
     def __init__(self, cfg: LladaModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.causal = cfg.n_heads, cfg.causal
+        self.n_heads, self.n_kv_heads, self.causal = cfg.n_heads, cfg.kv_heads, cfg.causal
         self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
@@ -110,14 +120,18 @@ class SelfAttention(nn.Module):
         """
         b, seq, dim = x.shape
 
-        def heads(t: Tensor) -> Tensor:
-            return t.view(b, seq, self.n_heads, dim // self.n_heads).transpose(1, 2)
+        def heads(t: Tensor, n: int) -> Tensor:
+            return t.view(b, seq, n, dim // self.n_heads).transpose(1, 2)
 
-        q, k, v = heads(self.wq(x)), heads(self.wk(x)), heads(self.wv(x))
+        q = heads(self.wq(x), self.n_heads)
+        k, v = heads(self.wk(x), self.n_kv_heads), heads(self.wv(x), self.n_kv_heads)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, positions), apply_rope(k, cos, sin, positions)
         keys, values = (k, v) if past is None else (torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2))
+        if self.n_kv_heads != self.n_heads:  # the cache keeps the few kv heads; expand only for the product
+            group = self.n_heads // self.n_kv_heads
+            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
         out = attention(q, keys, values, causal=self.causal and mask is None, mask=mask)
         return self.wo(out.transpose(1, 2).reshape(b, seq, dim)), (k, v)
 
@@ -223,7 +237,12 @@ class LladaModel(nn.Module):
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             layer_past = None if past is None else (past.keys[i], past.values[i])
-            x, (k, v) = block(x, cos, sin, mask, positions, layer_past)
+            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Activations of long rows dwarf a block's weights; recomputing them costs one more forward.
+                x, (k, v) = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, positions, layer_past,
+                                                              use_reentrant=False)
+            else:
+                x, (k, v) = block(x, cos, sin, mask, positions, layer_past)
             keys.append(k)
             values.append(v)
         return self.norm(x), KVCache(keys, values, cur_mask)
@@ -253,7 +272,7 @@ class LladaModel(nn.Module):
 def count_parameters(cfg: LladaModelConfig) -> int:
     """Parameter count of LladaModel(cfg), computed from the shape alone (no allocation)."""
     d = cfg.dim
-    attn = 4 * d * d + (2 * cfg.head_dim if cfg.qk_norm else 0)
+    attn = 2 * d * d + 2 * d * cfg.kv_heads * cfg.head_dim + (2 * cfg.head_dim if cfg.qk_norm else 0)
     ffn = 3 * d * cfg.ffn_hidden
     block = attn + ffn + 2 * d  # two RMSNorm gains
     embed = cfg.vocab_size * d

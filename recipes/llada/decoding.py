@@ -4,6 +4,11 @@ A masked-diffusion model decodes with framework.diffusion.masked_decode.decode (
 cache); the AR twin (model.causal) with its KV cache. Under ZeRO-3 every forward gathers parameters
 collectively, so all ranks must run the same number of forwards: `lockstep` turns off what makes that
 number data-dependent (stopping at EOS, threshold decoding).
+
+`sample.cfg_scale` means what it means in every recipe: logits = uncond + s (cond - uncond), with uncond the
+model's logits for the prompt replaced by masks; s = 1 is guidance off (no unconditional forward) and s = 0
+the unconditional answer. LLaDA's generate.py writes uncond + (w + 1)(cond - uncond): its `cfg_scale = w` is
+`sample.cfg_scale = w + 1` here (its default w = 0 is our 1).
 """
 
 from __future__ import annotations
@@ -28,7 +33,13 @@ class SampleConfig:
     refresh_every: int = 0  # also refresh the cache every this many steps inside a block (0: never)
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     temperature: float = 0.0
-    cfg_scale: float = 0.0  # classifier-free guidance (train with sft.prompt_dropout > 0)
+    # Classifier-free guidance, uncond + s (cond - uncond) as in every recipe: 1 = off, 0 = unconditional (prompt
+    # masked). LLaDA's generate.py `cfg_scale = w` is w + 1 here. Train with sft.prompt_dropout > 0.
+    cfg_scale: float = 1.0
+    # Confidence of a prediction (masked_decode.py): "full" softmax as LLaDA's generate.py, or "without_mask",
+    # p / (1 - p_mask). "auto": full for a train.init_from LLaDA-layout folder (so published settings reproduce
+    # token for token), else without_mask (this framework's runs, as before); validate() resolves it.
+    confidence: Literal["auto", "full", "without_mask"] = "auto"
     batch_size: int = 32  # prompts decoded together (left-padded)
 
 
@@ -36,7 +47,8 @@ def decode_config(s: SampleConfig, lockstep: bool = False) -> DecodeConfig:
     """The framework decoder's settings; ValueError (naming the field) when they do not fit together."""
     return DecodeConfig(gen_length=s.gen_length, block_length=s.block_length, steps=s.steps,
                         threshold=0.0 if lockstep else s.threshold, cache=s.cache, refresh_every=s.refresh_every,
-                        remasking=s.remasking, temperature=s.temperature, cfg_scale=s.cfg_scale)
+                        remasking=s.remasking, temperature=s.temperature, cfg_scale=s.cfg_scale,
+                        confidence="without_mask" if s.confidence == "auto" else s.confidence)
 
 
 def generate_answers(model, cfg, prompts: list[list[int]], *, eos_id: int, pad_id: int, device: torch.device,

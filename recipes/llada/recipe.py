@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +18,23 @@ from typing import Literal
 import torch
 
 from framework import distributed as dist
-from framework.config import ConfigError, RunConfig
-from framework.data.sft import SFTStream
+from framework.config import ConfigError, RunConfig, to_dict
+from framework.data.sft import SFTStream, exact_match
 from framework.data.text import PackedTextStream
 from framework.diffusion.masked import conditional_elbo, elbo_bits_per_token
 from framework.nn.llada import LladaModel, LladaModelConfig, count_parameters, train_flops_per_token
 from framework.recipe import Built, Recipe
 from framework.rng import derive_seed
-from recipes.llada import objectives
-from recipes.llada.decoding import SampleConfig, decode_config, detokenize, generate_answers
+from recipes.llada import objectives, sample_quality
+from recipes.llada.decoding import SampleConfig, decode_config, generate_answers
+from recipes.llada.tokenizer import (
+    LLADA_MASK_TOKEN,
+    TRANSFORMERS_TOKENIZER_FILES,
+    TextTokenizer,
+    sentencepiece_tokenizer,
+    tokenizer_source,
+    transformers_tokenizer,
+)
 
 
 @dataclass
@@ -35,6 +44,9 @@ class TextDataConfig:
     seq_len: int = 128
     doc_attention: bool = False  # attend only within a document (block-diagonal) instead of the whole pack
     max_skip_fraction: float = 0.1  # corrupt shards tolerated before the run stops
+    # A transformers tokenizer folder for prompts, sampling, evaluation and the EOS/pad/mask ids; empty: data.dir's
+    # sentencepiece tokenizer, or for a dataset without one train.init_from's LLaDA folder (recipes/llada/tokenizer.py)
+    tokenizer: str = ""
 
 
 @dataclass
@@ -64,12 +76,22 @@ class LladaConfig(RunConfig):
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
-def tokenizer_info(data_dir: str) -> dict:
-    path = Path(data_dir) / "tokenizer.json"
-    if not path.is_file():
+def run_tokenizer(cfg: LladaConfig) -> TextTokenizer:
+    """The run's tokenizer (recipes/llada/tokenizer.py says which); ConfigError naming the key when there is none."""
+    found = tokenizer_source(cfg.data.dir, cfg.data.tokenizer, cfg.train.init_from)
+    if found is None:
+        path = Path(cfg.data.dir) / "tokenizer.json"
         raise ConfigError(f"data.dir: no tokenizer at {path}; build the dataset first, e.g. "
-                          f"`python data/prepare_text.py --out {data_dir}` or `python data/make_tasks.py --out {data_dir}`")
-    return json.loads(path.read_text())
+                          f"`python data/prepare_text.py --out {cfg.data.dir}` or `python data/make_tasks.py --out "
+                          f"{cfg.data.dir}`, or name a transformers tokenizer folder with data.tokenizer=FOLDER")
+    kind, path = found
+    if kind == "sentencepiece":
+        return sentencepiece_tokenizer(path)
+    key = "data.tokenizer" if cfg.data.tokenizer else "train.init_from"
+    try:
+        return transformers_tokenizer(path)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 class LladaRecipe(Recipe):
@@ -78,6 +100,7 @@ class LladaRecipe(Recipe):
     unit = "tokens"
 
     def validate(self, cfg: LladaConfig, world: int) -> None:
+        adopt_llada_shape(cfg)
         m = cfg.model
         if cfg.data.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
@@ -93,26 +116,42 @@ class LladaRecipe(Recipe):
             raise ConfigError(f"sft.prompt_dropout={cfg.sft.prompt_dropout} must lie in [0, 1)")
         if cfg.sample.batch_size < 1:
             raise ConfigError(f"sample.batch_size={cfg.sample.batch_size} must be >= 1")
+        if cfg.sample.cfg_scale == 0.0 and not cfg.model.causal:
+            # Configs saved before every recipe shared one CFG convention used 0 for "off"; it now ignores the prompt.
+            print("warning: sample.cfg_scale=0 decodes unconditionally (the prompt masked out); guidance off is "
+                  "sample.cfg_scale=1 (LLaDA's cfg_scale w is w + 1)", flush=True)
         try:
             decode_config(cfg.sample)
         except ValueError as e:
             raise ConfigError(f"sample.*: {e}") from None
 
-    def check_tokenizer(self, cfg: LladaConfig) -> dict:
-        info = tokenizer_info(cfg.data.dir)
-        if info["vocab_size"] > cfg.model.vocab_size:
+    def tokenizer(self, cfg: LladaConfig) -> TextTokenizer:
+        """The run's tokenizer, loaded once (a transformers folder takes seconds)."""
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = run_tokenizer(cfg)
+        return self._tokenizer
+
+    def check_tokenizer(self, cfg: LladaConfig) -> TextTokenizer:
+        tok = self.tokenizer(cfg)
+        if tok.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                              f"{info['vocab_size']} ({cfg.data.dir}/tokenizer.json)")
-        if info["mask_id"] != cfg.model.mask_id:
-            raise ConfigError(f"model.mask_id={cfg.model.mask_id} but the tokenizer's <mask> id is "
-                              f"{info['mask_id']} ({cfg.data.dir}/tokenizer.json)")
-        return info
+                              f"{tok.vocab_size} ({tok.source})")
+        if tok.mask_id is None:
+            raise ConfigError(f"{tok.source}: the tokenizer has no mask token (mask_token or {LLADA_MASK_TOKEN}); "
+                              f"model.mask_id={cfg.model.mask_id} must be one")
+        if tok.mask_id != cfg.model.mask_id:
+            raise ConfigError(f"model.mask_id={cfg.model.mask_id} but the tokenizer's mask token id is "
+                              f"{tok.mask_id} ({tok.source})")
+        if tok.kind == "transformers":
+            check_shard_ids(cfg, tok)
+        return tok
 
     def describe(self, cfg: LladaConfig) -> str:
         n = count_parameters(cfg.model)
         f = train_flops_per_token(cfg.model, cfg.data.seq_len)
         kind = "autoregressive twin" if cfg.model.causal else "masked diffusion"
-        return f"{n / 1e6:.2f}M parameters ({kind}, {cfg.data.kind}), {f / 1e9:.3f} GFLOPs per training token"
+        size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+        return f"{size} parameters ({kind}, {cfg.data.kind}), {f / 1e9:.3f} GFLOPs per training token"
 
     def build_model(self, cfg: LladaConfig) -> Built:
         return Built(model=LladaModel(cfg.model))
@@ -145,7 +184,7 @@ class LladaRecipe(Recipe):
         tokens = batch["input_ids"].numel()
         return float(tokens), tokens * train_flops_per_token(cfg.model, cfg.data.seq_len)
 
-    def evaluate(self, model, helpers, cfg: LladaConfig, rank: int, world: int, step: int) -> dict:
+    def evaluate(self, cfg: LladaConfig, model, helpers, rank: int, world: int, step: int) -> dict:
         """Held-out likelihood on every rank's own val shards (masked: Monte Carlo ELBO, an upper bound;
         AR: the exact NLL), in bits per token (SFT: per supervised answer token); SFT also decodes
         eval.samples val prompts and reports their exact-match accuracy."""
@@ -161,6 +200,9 @@ class LladaRecipe(Recipe):
         metrics = {"nll_bits_per_token" if cfg.model.causal else "elbo_bits_per_token": bits}
         if cfg.data.kind == "sft" and cfg.eval.samples > 0:
             metrics["exact_match"] = self._exact_match(model, cfg, held_out, world, gen)
+        if cfg.data.kind == "pretrain" and cfg.eval.samples > 0:  # does generated text read? (sample_quality.py)
+            self._scored = (step, *self._decode_samples(cfg, model, rank, world))  # sample() shows these
+            metrics.update(sample_quality.summarize(self._scored[2]))
         return metrics
 
     def _bits_per_token(self, model, cfg: LladaConfig, batch: dict, gen: torch.Generator) -> float:
@@ -184,34 +226,49 @@ class LladaRecipe(Recipe):
                 references.append(ids[p:p + a - 1])
         share = max(1, cfg.eval.samples // world)
         prompts, references = prompts[:share], references[:share]
-        info = tokenizer_info(cfg.data.dir)
-        answers, _ = generate_answers(model, cfg, prompts, eos_id=info["eos_id"], pad_id=info["pad_id"],
+        tok = self.tokenizer(cfg)
+        answers, _ = generate_answers(model, cfg, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
                                       device=dist.device(), lockstep=cfg.train.zero_stage == 3, gen=gen)
-        right, count = dist.all_reduce([float(sum(a == r for a, r in zip(answers, references))),
+        # Compared as text up to whitespace (the tokenizer's decoding; a BPE may spell one text in two ways)
+        right = sum(exact_match(tok.decode(a), tok.decode(r)) for a, r in zip(answers, references))
+        right, count = dist.all_reduce([float(right),
                                         float(len(references))], op="sum")
         return right / max(count, 1.0)
 
-    def sample(self, model, helpers, cfg: LladaConfig, rank: int, world: int, step: int, out_dir: str) -> list[str]:
-        """Each rank decodes its share of the prompts (same number of forwards everywhere, for ZeRO-3)."""
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=str(Path(cfg.data.dir) / "tokenizer.model"))
-        prompts = cfg.sample.prompts[: max(cfg.eval.samples, 0)]
-        mine = dist.split_work(prompts, rank, world)
-        answers, _ = generate_answers(model, cfg, [sp.encode(p) for p in mine], eos_id=sp.eos_id(),
-                                      pad_id=max(sp.pad_id(), 0), device=dist.device(),
-                                      lockstep=cfg.train.zero_stage == 3)
-        texts = [p + " ->" + detokenize(sp, a) for p, a in zip(mine, answers)]
-        lines = dist.gather_work(texts, len(prompts), world)
+    def sample(self, cfg: LladaConfig, model, helpers, rank: int, world: int, step: int, out_dir: str) -> list[str]:
+        """Each rank decodes its share of the prompts (same number of forwards everywhere, for ZeRO-3);
+        pretraining samples are printed with their sample_quality scores (those evaluate() just logged)."""
+        scored = self.__dict__.pop("_scored", None)
+        lines, scores = scored[1:] if scored and scored[0] == step else self._decode_samples(cfg, model, rank, world)
         if rank == 0 and lines:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / "samples.txt").write_text("\n".join(lines) + "\n")
-        return lines
+        return [sample_quality.annotate(line, score) for line, score in zip(lines, scores)] if scores else lines
+
+    def _decode_samples(self, cfg: LladaConfig, model, rank: int, world: int) -> tuple[list[str], list[dict]]:
+        """The sample prompts' lines "PROMPT ->TEXT" (on every rank) and, for pretraining runs whose train
+        shards are at hand, each generated text's scores against the training words."""
+        tok = self.tokenizer(cfg)
+        prompts = cfg.sample.prompts[: max(cfg.eval.samples, 0)]
+        mine = dist.split_work(prompts, rank, world)
+        answers, _ = generate_answers(model, cfg, [tok.encode_prompt(p) for p in mine], eos_id=tok.eos_id,
+                                      pad_id=tok.pad_id, device=dist.device(), lockstep=cfg.train.zero_stage == 3)
+        done = dist.gather_work([(tok.decode(a), a) for a in answers], len(prompts), world)
+        lines = [p + " ->" + text for p, (text, _) in zip(prompts, done)]
+        # sample_quality reads the training words with data.dir's sentencepiece model
+        if (cfg.data.kind != "pretrain" or tok.kind != "sentencepiece"
+                or not (Path(cfg.data.dir) / "train" / "index.json").is_file()):
+            return lines, []
+        vocabulary = sample_quality.training_words(str(Path(cfg.data.dir).resolve()))
+        return lines, [sample_quality.sample_scores(text, ids, vocabulary) for text, ids in done]
 
     def export_assets(self, cfg: LladaConfig, out_dir: str) -> list[str]:
+        found = tokenizer_source(cfg.data.dir, cfg.data.tokenizer, cfg.train.init_from)
+        folder = Path(found[1]) if found and found[0] == "transformers" else Path(cfg.data.dir)
+        names = TRANSFORMERS_TOKENIZER_FILES if folder != Path(cfg.data.dir) else ("tokenizer.model", "tokenizer.json")
         copied = []
-        for name in ("tokenizer.model", "tokenizer.json"):
-            src = Path(cfg.data.dir) / name
+        for name in names:
+            src = folder / name
             if src.is_file():
                 shutil.copy(src, Path(out_dir) / name)
                 copied.append(str(Path(out_dir) / name))
@@ -219,9 +276,13 @@ class LladaRecipe(Recipe):
 
     def export(self, state_dict: dict, cfg: LladaConfig, fmt: str, out_dir: str, source: dict | None = None) -> list[str]:
         """`--format hf`: a folder transformers loads after `import framework` (framework/export/hf_io.py),
-        with a tokenizer converted from data.dir's sentencepiece model."""
+        with a tokenizer converted from data.dir's sentencepiece model. `--format llada`: LLaDA's released
+        layout (framework/export/llada_io.py), copying config, sharding and other files of train.init_from."""
+        if fmt == "llada":
+            return export_llada(state_dict, cfg, out_dir)
         if fmt != "hf":
-            raise ConfigError(f"--format {fmt}: the llada recipe exports 'safetensors' or 'hf'")
+            raise ConfigError(f"--format {fmt}: the llada recipe exports 'safetensors' or 'hf' (or 'llada', "
+                              "LLaDA's released layout)")
         from framework.export import hf_io
 
         tokenizer = Path(cfg.data.dir) / "tokenizer.model"
@@ -236,10 +297,68 @@ class LladaRecipe(Recipe):
         from framework.export import hf_io
         from framework.init_from import check_model_config, read_ours
 
-        free = ("init_std", "max_seq_len")
+        free = ("init_std", "max_seq_len", "activation_checkpointing")
+        from framework.export import llada_io
+
+        if llada_io.is_llada_folder(path):  # validate() already took the model shape from its config.json
+            state, found = llada_io.read(path)
+            check_model_config(to_dict(cfg.model), to_dict(found), Path(path) / "config.json", ignore=free)
+            return state  # in the file's dtype (bf16 for the release): copying into the model upcasts exactly
         if not hf_io.is_hf_folder(path):
             return read_ours(path, cfg, ignore=free)
         _, raw = hf_io.read_config(path)
         check_model_config(to_dict(cfg.model), raw, Path(path) / "config.json", ignore=free)
         return hf_io.read(path)[0]
 
+
+def check_shard_ids(cfg: LladaConfig, tok: TextTokenizer) -> None:
+    """SFT shards record the ids of the tokenizer that wrote them (data/sft_to_shards.py): they must be the run's."""
+    index = Path(cfg.data.dir) / "train" / "index.json"
+    try:
+        recorded = json.loads(index.read_text()) if cfg.data.kind == "sft" else {}
+    except (OSError, json.JSONDecodeError):
+        return  # the stream reports a missing or broken index with its own message
+    for key, ours in (("eos_id", tok.eos_id), ("mask_id", tok.mask_id), ("vocab_size", tok.vocab_size)):
+        if recorded.get(key) is not None and recorded[key] != ours:
+            raise ConfigError(f"{index} was tokenised with {key}={recorded[key]} (tokenizer "
+                              f"{recorded.get('tokenizer')}) but the run's tokenizer {tok.source} has {ours}")
+
+
+def adopt_llada_shape(cfg: LladaConfig) -> None:
+    """`train.init_from` = a folder in LLaDA's released layout: the model's shape and mask id come from its
+    config.json (never hand-copied; a preset's values are overwritten, with a note naming them). The run keeps
+    max_seq_len, init_std, causal and activation_checkpointing, which shape no weight. `sample.confidence=auto`
+    becomes "full" (LLaDA's generate.py) for such a folder, "without_mask" otherwise."""
+    from framework.export import llada_io
+
+    imported = bool(cfg.train.init_from) and llada_io.is_llada_folder(cfg.train.init_from)
+    if cfg.sample.confidence == "auto":
+        cfg.sample.confidence = "full" if imported else "without_mask"
+    if not imported:
+        return
+    source = Path(cfg.train.init_from) / "config.json"
+    try:
+        found = llada_io.model_fields(llada_io.read_raw_config(cfg.train.init_from), source)
+    except ValueError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
+    changed = [f"{k} {getattr(cfg.model, k)} -> {v}" for k, v in found.items() if getattr(cfg.model, k) != v]
+    try:
+        cfg.model = LladaModelConfig(**{**to_dict(cfg.model), **found})
+    except ValueError as e:
+        raise ConfigError(f"train.init_from: {source}: {e}") from None
+    if changed and os.environ.get("RANK", "0") == "0":  # before dist.init: once per job, not per rank
+        print(f"model config from {source}: {', '.join(changed)}", flush=True)
+
+
+def export_llada(state: dict, cfg: LladaConfig, out_dir: str) -> list[str]:
+    """LLaDA's layout; with train.init_from a LLaDA folder, its config fields, shards and files are kept."""
+    from framework.export import llada_io
+
+    folder = cfg.train.init_from if cfg.train.init_from and llada_io.is_llada_folder(cfg.train.init_from) else None
+    if folder is None:
+        print("warning: train.init_from is no LLaDA folder: writing config.json and one model.safetensors only "
+              "(add the release's tokenizer and modeling files to load it with trust_remote_code)", flush=True)
+    try:
+        return llada_io.write(state, cfg.model, out_dir, folder)  # in the dtype launch/export.py cast to
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"--format llada: {e}") from None

@@ -193,7 +193,7 @@ DECODERS = {
     "threshold": dict(gen_length=16, block_length=8, threshold=0.2),
     "threshold_prefix_cache": dict(gen_length=16, block_length=8, threshold=0.2, cache="prefix"),
     "threshold_dual_cache": dict(gen_length=16, block_length=8, threshold=0.2, cache="dual"),
-    "cfg": dict(gen_length=16, block_length=8, steps=16, cfg_scale=1.5),
+    "cfg": dict(gen_length=16, block_length=8, steps=16, cfg_scale=2.5),  # LLaDA's w = 1.5
 }
 
 
@@ -274,7 +274,7 @@ def test_cfg_changes_the_answer():
     model = tiny_model(seed=5)
     ids, mask = left_padded(PROMPTS)
     plain = decode(model, ids, mask, DecodeConfig(gen_length=16, block_length=8, steps=16), mask_id=MASK)
-    guided = decode(model, ids, mask, DecodeConfig(gen_length=16, block_length=8, steps=16, cfg_scale=3.0),
+    guided = decode(model, ids, mask, DecodeConfig(gen_length=16, block_length=8, steps=16, cfg_scale=4.0),
                     mask_id=MASK)
     assert not torch.equal(plain.tokens, guided.tokens)
 
