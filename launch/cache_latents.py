@@ -3,7 +3,9 @@
 
 Every rank encodes its share of the source shards (the first bucket of `data.buckets`, clips from the
 start of each video at `data.fps`); rank 0 writes `index.json` with the cache key, so the DiT recipe
-(`data.latents=DIR`) refuses a cache made with another VAE, resolution, frame count or fps.
+(`data.latents=DIR`) refuses a cache made with another VAE, resolution, frame count or fps. `vae.path` may be
+our video_vae export or a diffusers AutoencoderKLWan folder (its latents are cached normalised, as WanPipeline
+normalises them).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from framework.data.latents import FORMAT, cache_key, write_latent_shard
 from framework.data.shards import load_index
 from framework.data.video_decode import CorruptVideoError, clip_times, decode_clip, resize_crop
 from framework.recipe import load_run_config
+from recipes.video_dit.vae_ref import own_normalisation
 
 
 def read_item(root: Path, shard: dict, item: dict) -> tuple[bytes, list[str]]:
@@ -82,6 +85,17 @@ def encode_split(cfg, vae, split: str, out: Path, rank: int, world: int) -> tupl
     return written, sums
 
 
+def normalisation(vae, mean: float, std: float) -> dict:
+    """The index's latent_mean / latent_std: what the DiT recipe normalises cached latents by, (z - mean) / std.
+    The measured statistics for our VAE; (0, 1) for a VAE whose latents come out normalised already (Wan:
+    by its latents_mean / latents_std, so cached and online training see the same latents), the measured
+    ones then kept as measured_mean / measured_std."""
+    own = own_normalisation(vae)
+    if own is None:
+        return {"latent_mean": mean, "latent_std": std}
+    return {"latent_mean": own[0], "latent_std": 1.0 / own[1], "measured_mean": mean, "measured_std": std}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset")
@@ -109,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             entries = [json.loads(p.read_text()) for p in sorted((out / split).glob("*.tar.json"))]
             mean = total[1] / total[3]
             std = (total[2] / total[3] - mean**2) ** 0.5
-            index = {"format": FORMAT, "cache_key": key, "latent_mean": mean, "latent_std": std,
-                     "shards": entries}
+            index = {"format": FORMAT, "cache_key": key, **normalisation(vae, mean, std), "shards": entries}
             (out / split / "index.json").write_text(json.dumps(index))
             for p in (out / split).glob("*.tar.json"):
                 p.unlink()

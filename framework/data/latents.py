@@ -17,14 +17,37 @@ import numpy as np
 import torch
 
 from framework.data.shards import assign_shards, load_index
+from framework.export import diffusers_wan
 
 FORMAT = "latents-v1"
 
 
+def vae_digest(vae_path: str | Path) -> str:
+    """A VAE folder's identity: sha256 of our export's model.safetensors (what it always was, so older caches
+    stay valid), or of a diffusers folder's config.json (without `_`-prefixed bookkeeping such as
+    `_diffusers_version`; it holds the latent normalisation) and the weight files it loads."""
+    folder = Path(vae_path)
+    if (folder / "model.safetensors").is_file():
+        return _sha256([folder / "model.safetensors"])
+    config = json.loads((folder / "config.json").read_text())
+    settings = {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    return _sha256(diffusers_wan.weight_files(folder), h)
+
+
+def _sha256(files: list[Path], h=None) -> str:
+    """First 16 hex digits of sha256 over the files' bytes, read in 16 MiB blocks (VAE weights reach GBs)."""
+    h = h or hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 def cache_key(vae_path: str, bucket: str, fps: float) -> dict:
-    """What a cache depends on: the VAE's weights (hash), the bucket's size and frames, the sampling rate."""
-    digest = hashlib.sha256((Path(vae_path) / "model.safetensors").read_bytes()).hexdigest()[:16]
-    return {"vae_sha256": digest, "bucket": bucket.split(":")[0], "fps": float(fps)}
+    """What a cache depends on: the VAE (vae_digest), the bucket's size and frames, the sampling rate."""
+    return {"vae_sha256": vae_digest(vae_path), "bucket": bucket.split(":")[0], "fps": float(fps)}
 
 
 def write_latent_shard(path: Path, samples: list[tuple[str, np.ndarray, list[str]]]) -> dict:

@@ -19,8 +19,31 @@ from framework.nn.causal_conv import CausalConv3d, FeatureCache
 from framework.nn.init import gathered_for_init
 
 
+class LatentGeometry:
+    """How a causal video VAE maps video sizes to latent sizes: the first frame alone, then one latent per
+    `compression[0]` frames. Subclasses give `latent_channels` and `compression` (time, height, width); our
+    VideoVAEConfig and a diffusers Wan VAE's config (recipes/video_dit/vae_ref.py) share these two methods."""
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(latent_channels, T, h, w) that a (frames, height, width) video encodes to: the one place latent
+        geometry is computed (the first frame alone, then one latent per `compression[0]` frames)."""
+        self.check_video(frames, height, width)
+        ct, ch, cw = self.compression
+        return self.latent_channels, 1 + (frames - 1) // ct, height // ch, width // cw
+
+    def check_video(self, frames: int, height: int, width: int) -> None:
+        """ValueError unless the VAE can encode a video of this size (1 + k * compression[0] frames)."""
+        ct, ch, cw = self.compression
+        if frames < 1 or (frames - 1) % ct:
+            raise ValueError(
+                f"video has {frames} frames; the VAE needs 1 + {ct}k frames (1, {1 + ct}, {1 + 2 * ct}, ...)"
+            )
+        if height % ch or width % cw:
+            raise ValueError(f"frame size {height}x{width} must be divisible by the spatial compression {ch}x{cw}")
+
+
 @dataclass
-class VideoVAEConfig:
+class VideoVAEConfig(LatentGeometry):
     """Shape of the VAE; `channel_mult` has one entry per level, `temporal_down` one per down stage."""
 
     in_channels: int = 3
@@ -51,23 +74,6 @@ class VideoVAEConfig:
         """(time, height, width) downsampling factors."""
         space = 2 ** len(self.temporal_down)
         return 2 ** sum(self.temporal_down), space, space
-
-    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """(latent_channels, T, h, w) that a (frames, height, width) video encodes to: the one place latent
-        geometry is computed (the first frame alone, then one latent per `compression[0]` frames)."""
-        self.check_video(frames, height, width)
-        ct, ch, cw = self.compression
-        return self.latent_channels, 1 + (frames - 1) // ct, height // ch, width // cw
-
-    def check_video(self, frames: int, height: int, width: int) -> None:
-        """ValueError unless the VAE can encode a video of this size (1 + k * compression[0] frames)."""
-        ct, ch, cw = self.compression
-        if frames < 1 or (frames - 1) % ct:
-            raise ValueError(
-                f"video has {frames} frames; the VAE needs 1 + {ct}k frames (1, {1 + ct}, {1 + 2 * ct}, ...)"
-            )
-        if height % ch or width % cw:
-            raise ValueError(f"frame size {height}x{width} must be divisible by the spatial compression {ch}x{cw}")
 
 
 class FrameGroupNorm(nn.GroupNorm):
