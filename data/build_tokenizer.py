@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
-from documents import iter_documents
+from documents import ENCODING_ERRORS, iter_documents
 
 MASK_PIECE = "<mask>"
 # sentencepiece drops longer "sentences"; chunk lines so no text is silently left out of training.
@@ -67,9 +68,15 @@ def main() -> None:
     ap.add_argument("--split-digits", action="store_true", help="every digit is its own piece")
     ap.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false",
                     help="no byte pieces (allows a tiny vocabulary; unseen characters become unk)")
+    ap.add_argument("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
+                    help="non-UTF-8 input: stop naming it, leave it out (skip) or decode bad bytes as U+FFFD")
     args = ap.parse_args()
-    meta = train_tokenizer(iter_documents(args.input, args.text_key), args.out, args.vocab_size,
-                           args.model_type, args.split_digits, args.byte_fallback)
+    try:
+        # A list first: a bad file must fail here, naming it, not inside sentencepiece's trainer.
+        meta = train_tokenizer(list(iter_documents(args.input, args.text_key, args.encoding_errors)), args.out,
+                               args.vocab_size, args.model_type, args.split_digits, args.byte_fallback)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     print(f"wrote {args.out}.model: {meta}")
 
 

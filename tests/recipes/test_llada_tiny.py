@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -31,9 +32,15 @@ def test_tiny_preset_trains_evaluates_and_samples(text_data, tmp_path):
     assert all(r["tokens_per_s"] > 0 and 0 <= r["data_wait_pct"] <= 100 for r in rows if "loss" in r)
     evals = [r["eval/elbo_bits_per_token"] for r in rows if "eval/elbo_bits_per_token" in r]
     assert len(evals) == 2 and evals[1] < evals[0]
-    assert text.count("sample @ 60:") == 2
+    # Samples read (issue 10 item 7): printed with their scores, logged as eval/sample_*. The preset's 8 prompts.
+    assert text.count("sample @ 60:") == 8
+    assert re.search(r"sample @ 60: The government said ->.+  \[known words \d+%, longest repeat \d+\]", text)
+    quality = [r for r in rows if "eval/sample_known_words" in r]
+    assert [r["step"] for r in quality] == [30, 60], quality
+    assert quality[-1]["eval/sample_known_words"] >= 0.6, quality  # the old preset's samples: 0 ("->sssss...")
+    assert quality[-1]["eval/sample_longest_repeat"] <= 6, quality  # ... and 32 (one token, the whole answer)
     samples = (run / "samples" / "step_00000060" / "samples.txt").read_text().splitlines()
-    assert len(samples) == 2 and samples[0].startswith("The government said ->")
+    assert len(samples) == 8 and samples[0].startswith("The government said ->") and "known words" not in samples[0]
 
     assert (run / "config.yaml").read_text().startswith("recipe: llada")
     assert list((run / "wandb").glob("offline-run-*")), "wandb offline run missing"

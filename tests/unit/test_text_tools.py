@@ -12,7 +12,7 @@ import pytest
 import sentencepiece as spm
 from build_tokenizer import train_tokenizer
 from documents import iter_documents
-from prepare_text import split_holdout
+from prepare_text import prepare_text, split_holdout
 from text_to_shards import write_shards
 
 from framework.data.shards import decode_npy, read_tar_samples
@@ -120,3 +120,84 @@ def test_fetch_default_corpus(tmp_path):
     train = list(iter_documents([paths["train"]]))
     assert len(train) == 300 and train[0].startswith("Hundreds of people have been forced")
     assert len(list(iter_documents([paths["val"]]))) == 50
+
+
+def test_non_utf8_input_is_named_then_skipped_or_replaced(tmp_path, capsys):
+    from documents import iter_documents
+
+    (tmp_path / "good.txt").write_text("plain words\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))  # 0xe9 is no UTF-8 start byte
+    (tmp_path / "mixed.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "na\xefve"}\n{"text": "after"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.txt: not UTF-8 \(byte 0xe9 at offset 3\).*--encoding-errors"):
+        list(iter_documents([tmp_path]))
+    with pytest.raises(ValueError, match=r"mixed\.jsonl:2: not UTF-8"):
+        list(iter_documents([tmp_path / "mixed.jsonl"]))
+    skipped: list[str] = []
+    assert list(iter_documents([tmp_path], errors="skip", skipped=skipped)) == ["plain words\n", "fine", "after"]
+    assert skipped == [str(tmp_path / "latin1.txt"), f"{tmp_path / 'mixed.jsonl'}:2"]
+    replaced = list(iter_documents([tmp_path], errors="replace"))
+    assert replaced[1] == "caf\ufffd au lait" and replaced[3] == "na\ufffdve"
+    # The tool: one line naming the file (no traceback); with the flag the file is left out and counted.
+    for i in range(20):
+        (tmp_path / f"doc{i}.txt").write_text(f"Document {i} has some words in it. " * 20)
+    cmd = [sys.executable, str(REPO / "data" / "prepare_text.py"), "--input", str(tmp_path), "--out",
+           str(tmp_path / "out"), "--vocab-size", "300"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'latin1.txt'}: not UTF-8")
+    prepare_text(tmp_path / "out", [str(tmp_path)], vocab_size=300, encoding_errors="skip")
+    said = capsys.readouterr().out
+    assert f"skipped 2 non-UTF-8 input(s) (--encoding-errors skip): {tmp_path / 'latin1.txt'}, " in said
+    assert "22 train and 1 val documents" in said  # good.txt, 2 of mixed.jsonl and 20 more; no latin1.txt
+
+
+def test_chunk_document_cuts_at_paragraph_breaks_and_loses_nothing():
+    from documents import chunk_document
+
+    paragraphs = [f"Paragraph {i}. " + "word " * (5 + 3 * i) + "end." for i in range(8)]
+    text = "\n\n".join(paragraphs) + "\n"
+    for max_chars in (40, 80, 150, 400):
+        chunks = chunk_document(text, max_chars)
+        assert "".join(chunks) == text and all(len(c) <= max_chars for c in chunks)
+        for c in chunks[:-1]:  # every cut falls at a paragraph break unless one paragraph alone is too long
+            nxt = text[text.index(c) + len(c):]
+            if max(map(len, paragraphs)) + 2 <= max_chars:
+                assert c.endswith("\n\n") and nxt.startswith("Paragraph")
+    assert chunk_document(text, 10**6) == [text]
+    # A paragraph longer than the limit is cut after sentences, then at spaces, then anywhere.
+    assert chunk_document("One two. Three four. Five six.", 12) == ["One two. ", "Three four. ", "Five six."]
+    assert chunk_document("abcdefghij", 4) == ["abcd", "efgh", "ij"]
+
+
+def test_few_big_documents_give_every_split_64_shards_and_two_ranks_read_val(tmp_path, english_docs):
+    """Issue 10 item 6: seven ~200 KB books used to give val one shard, and 2-rank training refused it."""
+    from framework.data.shards import assign_shards
+    from framework.data.text import PackedTextStream
+
+    books = tmp_path / "books"
+    books.mkdir()
+    for b in range(7):  # paragraphs of ~500 characters, ~200 KB a book
+        paragraphs = [" ".join(d.split()[2:]) for d in english_docs(420, seed=100 + b, min_words=70, max_words=100)]
+        (books / f"book{b}.txt").write_text(f"Book {b}\n\n" + "\n\n".join(paragraphs) + "\n")
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(REPO / "data" / "prepare_text.py"), "--input", str(books), "--out",
+                          str(out), "--vocab-size", "300"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "6 train and 1 val documents" in run.stdout
+    for split, n_docs in (("train", 6), ("val", 1)):
+        index = json.loads((out / split / "index.json").read_text())
+        assert 64 <= len(index["shards"]) <= 2.2 * 64 + 1, (split, len(index["shards"]))
+        assert index["documents"] == n_docs
+        line = next(x for x in run.stdout.splitlines() if x.startswith(f"{split}: {n_docs} documents -> "))
+        assert f"-> {len(index['shards'])} shards of ~" in line and "document ids kept" in line
+        keys = [s["__key__"] for shard in index["shards"] for s in read_tar_samples(out / split / shard["path"])]
+        docs = [k.split("_")[0] for k in keys]
+        assert len(set(docs)) == n_docs and docs == sorted(docs)  # each chunk names its document
+        for doc in set(docs):  # chunks of a document are numbered 0, 1, 2, ... in order
+            assert [int(k.split("_")[1]) for k in keys if k.startswith(doc)] == list(range(docs.count(doc)))
+    val = json.loads((out / "val" / "index.json").read_text())
+    shares = [assign_shards(len(val["shards"]), r, 2, seed=0, epoch=0) for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == list(range(len(val["shards"])))
+    for rank in (0, 1):  # what 2-rank training builds for evaluation: it used to raise "cannot feed 2 slots"
+        stream = PackedTextStream(str(out / "val"), seq_len=128, micro_batch=4, rank=rank, world=2, seed=0)
+        assert len(stream) > 0 and next(iter(stream))["input_ids"].shape == (4, 128)
