@@ -92,6 +92,18 @@ class EvalConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft (framework/lora.py): rank 0 trains the whole model as before."""
+
+    rank: int = 0  # 0 = off
+    alpha: float = 16.0  # the adapter's update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input
+    # Linear modules to adapt: a full module name, a name's last parts (`wq`, `attn.wq`, peft's rule) or a shell
+    # glob over full names (`blocks.*.ffn.w?`); a pattern matching no module is a config error.
+    targets: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RunConfig:
     """The parts every recipe shares; a recipe subclasses it to type `model` and `data`."""
 
@@ -104,6 +116,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def grad_accum(self, world: int) -> int:
         """Micro-steps per optimizer step on each rank."""
@@ -347,6 +360,18 @@ def _check_ranges(cfg: RunConfig) -> None:
     _at_least("eval.batches", cfg.eval.batches, 1)
     _at_least("eval.samples", cfg.eval.samples, 0)
     _at_least("eval.micro_batch", cfg.eval.micro_batch, 0, " (0 uses train.micro_batch)")
+    _check_lora(cfg.lora)
+
+
+def _check_lora(lora: LoraConfig) -> None:
+    """Ranges peft would accept silently or fail on late (alpha 0 trains nothing; dropout 1 drops every input)."""
+    _at_least("lora.rank", lora.rank, 0, " (0 disables LoRA)")
+    if not math.isfinite(lora.alpha) or lora.alpha <= 0:
+        raise ConfigError(f"lora.alpha must be positive, got {lora.alpha}")
+    _in_range("lora.dropout", lora.dropout, 0, 1, high_open=True)
+    if lora.rank > 0 and not [t for t in lora.targets if t.strip()]:
+        raise ConfigError("lora.targets must name at least one module pattern when lora.rank > 0, "
+                          "e.g. lora.targets=[wq,wk,wv,wo]")
 
 
 # ---------------------------------------------------------------------------------------------

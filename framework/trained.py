@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from framework import checkpoint
+from framework import checkpoint, lora
 from framework.config import RunConfig
 from framework.export.safetensors_io import consolidated_state_dict
 from framework.recipe import Recipe, load_run_config
@@ -30,5 +30,9 @@ def load_trained(path: str, overrides: list[str] | None = None, use_ema: bool = 
     cfg, recipe = load_run_config(meta["config"], list(overrides or []), world=1)
     ema = use_ema and checkpoint.trainer_states(ckpt)[0].get("ema") is not None
     model = recipe.build_model(cfg).model
-    model.load_state_dict(consolidated_state_dict(ckpt, use_ema=ema))
+    lora.apply(model, cfg, cast_frozen=False)  # a LoRA run's checkpoint holds peft's module names
+    state = consolidated_state_dict(ckpt, use_ema=ema)
+    if ema and cfg.lora.rank > 0:  # its EMA averages the trainable weights only: the adapters
+        state = {**consolidated_state_dict(ckpt), **state}
+    model.load_state_dict(state)
     return Trained(cfg, recipe, model, ckpt, meta, ema)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import yaml
 
-from framework import checkpoint, init_from
+from framework import checkpoint, init_from, lora
 from framework import distributed as dist
 from framework import engine as engine_lib
 from framework.config import RunConfig, to_dict
@@ -81,6 +81,8 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
         built = recipe.build_model(cfg)
     # train.init_from starts a fresh run from other weights; a run resuming from its own checkpoint ignores it.
     started = init_from.load(recipe, cfg, built.model) if cfg.train.init_from and ckpt is None else ""
+    # LoRA goes on the loaded base weights, before DeepSpeed wraps the model: only adapters reach the optimizer.
+    adapted = lora.apply(built.model, cfg)
     compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     helpers = freeze(recipe.build_helpers(cfg), device, compute_dtype)
     engine = engine_lib.initialize(built.model, cfg, ds_config)
@@ -103,6 +105,7 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
     logger.write(f"[{recipe.name}] {summary} | world {world}, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, "
                  f"micro {cfg.train.micro_batch} x accum {accum} x world {world} = {cfg.train.global_batch}"
                  + (f" | resumed from {ckpt} at step {step}" if ckpt else "") + (f" | {started}" if started else "")
+                 + (f" | {adapted}" if adapted else "")
                  + (f" (train.init_from={cfg.train.init_from} ignored: resume wins)" if ckpt and cfg.train.init_from
                     else ""))
 

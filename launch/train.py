@@ -31,12 +31,18 @@ def check_before_work(cfg: RunConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--plan" in argv:  # the memory plan (--gpus N, --gpu-memory GiB): launch/plan.py, no run
+        import plan
+
+        return plan.main([a for a in argv if a != "--plan"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset", help="YAML preset, e.g. recipes/llada/configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     parser.add_argument("--describe", action="store_true", help="print the model's size and FLOPs, then exit")
     parser.add_argument("--print-run-dir", action="store_true",
                         help="check the config, print the run directory it resolves to, then exit (launch scripts)")
+    parser.add_argument("--plan", action="store_true", help="print the per-rank memory plan (launch/plan.py), then exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     dist.prepare_env()
@@ -48,7 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.describe:
+        from framework import lora
+
         print(f"{args.preset}: recipe {recipe.name}, {recipe.describe(cfg)}")
+        try:  # trainable vs frozen (LoRA) and what the optimizer holds per rank
+            print(f"  {lora.describe(cfg, recipe, dist.env_world_size())}")
+        except ConfigError as e:  # e.g. a lora.targets pattern that selects no module
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:  # a model that cannot be built on the meta device: the summary above stands
+            print(f"  (trainable/frozen count unavailable: {type(e).__name__}: {e})")
         return 0
     if args.print_run_dir:
         print(cfg.run_dir)

@@ -1,0 +1,311 @@
+"""Memory planner: per-rank GPU memory of a training setting, before any run.
+
+Three parts, each a plain function:
+- model states (weights, gradients, optimizer) from the parameter count, by DeepSpeed ZeRO's rules
+  (cross-checked against `estimate_zero2/3_model_states_mem_needs` in tests/unit/test_memory_plan.py);
+- activations = the bytes autograd saves for backward, MEASURED by one forward on the `meta` device at the
+  real shape and dtype under `saved_tensors_hooks` (no memory is allocated), attributed per block so that
+  activation checkpointing and sequence parallelism are computed from one measurement;
+- the fit search: the cheapest change of setting that makes a bucket fit, each candidate checked by the
+  same estimator.
+
+Nothing here knows a recipe: the caller gives the model, its transformer blocks and a `run(model) -> loss`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+GIB = 1024**3
+
+# Assumptions stated on every plan: what a rank holds besides model states and activations.
+CUDA_CONTEXT_BYTES = 2 * GIB  # CUDA context, cuBLAS / NCCL workspaces, DeepSpeed's reduce buckets
+FRAGMENTATION = 0.10  # caching-allocator fragmentation margin on model states + activations
+
+
+# ---- model states ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelStates:
+    """Per-rank bytes. gpu = weights + grads + optimizer + gathered; cpu = what offload moved to host memory."""
+
+    weights: int
+    grads: int
+    optimizer: int
+    gathered: int  # ZeRO-3: the largest layer's full weights and gradients while it runs
+    cpu: int
+
+    @property
+    def gpu(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.gathered
+
+
+def model_state_bytes(params: int, largest_layer: int, stage: int, dp: int, precision: str = "bf16",
+                      offload: bool = False, frozen: int = 0) -> ModelStates:
+    """Weights, gradients and AdamW state per rank for `params` trainable parameters sharded over `dp` ranks.
+
+    Per parameter (DeepSpeed's accounting): weights w bytes (2 bf16, 4 fp32); gradients w bytes, plus an fp32
+    gradient partition when w < 4; optimizer fp32 master + Adam m and v = 12. Stage >= 1 shards the optimizer
+    and fp32 gradients, stage >= 2 the low-precision gradients, stage 3 the weights (plus the largest layer
+    gathered, its weights and gradients; its gradients are one fp32 partition). `frozen` parameters (LoRA's base)
+    cost weights only. Offload keeps optimizer and fp32 gradients in host memory and the
+    gradients leave the GPU as they are reduced (DeepSpeed's estimator counts none on the GPU).
+    """
+    w = 2 if precision == "bf16" else 4
+    grad32 = 4 if w < 4 else 0
+    shard = max(dp, 1)
+    weights = (params + frozen) * w // (shard if stage == 3 else 1)
+    low_grads = params * w // (shard if stage >= 2 else 1)
+    opt_part = params * (12 + grad32) // (shard if stage >= 1 else 1)
+    gathered = largest_layer * 2 * w if stage == 3 else 0
+    if offload:
+        return ModelStates(weights, 0, 0, gathered, opt_part)
+    grads = low_grads + params * grad32 // (shard if stage >= 1 else 1)
+    if stage == 3:
+        # Stage 3 reduce-scatters the 16-bit gradients straight into the fp32 partition: one 4-byte copy, as
+        # DeepSpeed's estimate_zero3_model_states_mem_needs counts it (18 bytes per parameter in all, sharded).
+        grads = params * 4 // shard
+    return ModelStates(weights, grads, params * 12 // (shard if stage >= 1 else 1), gathered, 0)
+
+
+def count_params(model: nn.Module) -> tuple[int, int, int]:
+    """(trainable, largest layer's own (as DeepSpeed's `model_to_params` counts it), frozen) parameters."""
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+    return total, largest, frozen
+
+
+# ---- activations, measured -----------------------------------------------------------------------------------
+@dataclass
+class SavedProfile:
+    """What one forward saved for backward, in bytes of unique storages (parameters excluded).
+
+    outside: saved outside every block (embeddings, loss, inputs); blocks[i]: saved while block i ran;
+    shared_inputs: block arguments that something saved too (rope tables, text states, the residual stream
+    between blocks): alive whether or not blocks are checkpointed; block_inputs[i]: block i's other tensor
+    arguments, which only a checkpointed block keeps.
+    """
+
+    outside: int = 0
+    blocks: list[int] = field(default_factory=list)
+    block_inputs: list[int] = field(default_factory=list)
+    shared_inputs: int = 0
+
+    @property
+    def total(self) -> int:
+        """Saved bytes without checkpointing."""
+        return self.outside + self.shared_inputs + sum(self.blocks)
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    # The StorageImpl pointer: equal for views of one storage, distinct per allocation, defined on meta too.
+    return t.untyped_storage()._cdata
+
+
+class _FlashLikeAttention(TorchFunctionMode):
+    """On meta, SDPA takes the math path and would save the (L x L) scores; training on GPUs runs flash /
+    memory-efficient kernels that save q, k, v, out and the log-sum-exp. Route SDPA to the CPU flash kernel,
+    which saves exactly those (and is what a real CPU forward without a mask runs), so meta equals the GPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and args and args[0].is_meta and not kwargs.get("enable_gqa"):
+            q, k, v = args[:3]
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            if mask is not None and mask.dtype == torch.bool:  # SDPA turns a bool mask into an additive one first
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+            out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, bool(kwargs.get("is_causal", False)), attn_mask=mask, scale=kwargs.get("scale"))
+            return out
+        return func(*args, **kwargs)
+
+
+def measure_saved(model: nn.Module, run: Callable[[nn.Module], torch.Tensor],
+                  blocks: Iterable[nn.Module] = ()) -> SavedProfile:
+    """Bytes autograd saves for backward during `run(model)` (one forward and the loss), per block.
+
+    Each storage counts once (views and tensors saved twice share it); parameters never count (they are model
+    states). Works on any device; on `meta` it allocates nothing. Activation checkpointing inside the model must
+    be off here: the analytic modes below are computed from this one profile.
+    """
+    blocks = list(blocks)
+    params = {_storage_key(p) for p in model.parameters()}
+    saved: dict[int, tuple[int, int]] = {}  # storage -> (bytes, block index or -1)
+    arguments: dict[int, tuple[int, int]] = {}  # storage -> (bytes, first block taking it)
+    keep: list[torch.Tensor] = []  # holds every storage seen, so none is freed and its address reused
+    current = [-1]
+
+    def pack(t: torch.Tensor):
+        key = _storage_key(t)
+        if key not in params and key not in saved:
+            saved[key] = (t.untyped_storage().nbytes(), current[0])
+            keep.append(t)
+        return t
+
+    def enter(i):
+        def hook(module, args, kwargs):
+            current[0] = i
+            for a in (*args, *kwargs.values()):
+                if torch.is_tensor(a) and _storage_key(a) not in params and _storage_key(a) not in arguments:
+                    arguments[_storage_key(a)] = (a.untyped_storage().nbytes(), i)
+                    keep.append(a)
+        return hook
+
+    def leave(module, args, output):
+        current[0] = -1
+
+    handles = [h for i, b in enumerate(blocks)
+               for h in (b.register_forward_pre_hook(enter(i), with_kwargs=True), b.register_forward_hook(leave))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FlashLikeAttention(), torch.enable_grad():
+            run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    profile = SavedProfile(blocks=[0] * len(blocks), block_inputs=[0] * len(blocks))
+    for key, (nbytes, owner) in saved.items():
+        if key in arguments:
+            profile.shared_inputs += nbytes
+        elif owner >= 0:
+            profile.blocks[owner] += nbytes
+        else:
+            profile.outside += nbytes
+    for key, (nbytes, first) in arguments.items():
+        if key not in saved:
+            profile.block_inputs[first] += nbytes
+    return profile
+
+
+def checkpointed_blocks(mode: str, n_blocks: int, every_k: int = 2) -> set[int]:
+    """Blocks whose activations are recomputed in backward: none, all (full), or one block in every k."""
+    if mode == "none":
+        return set()
+    if mode == "full":
+        return set(range(n_blocks))
+    if mode == "every_k":
+        return set(range(0, n_blocks, max(every_k, 1)))
+    raise ValueError(f"activation checkpointing mode {mode!r} is not none, full or every_k")
+
+
+def activation_bytes(profile: SavedProfile, checkpointed: set[int], sp: int = 1) -> int:
+    """Peak saved-activation bytes per rank: checkpointed blocks keep only their inputs, and backward recomputes
+    one of them at a time (its own saved bytes on top). Sequence parallelism of degree sp splits every
+    token's activations sp ways (Ulysses: attention runs full length on heads / sp, same bytes)."""
+    kept = profile.outside + profile.shared_inputs + sum(b for i, b in enumerate(profile.blocks) if i not in checkpointed)
+    kept += sum(profile.block_inputs[i] for i in checkpointed)
+    recompute = max((profile.blocks[i] for i in checkpointed), default=0)
+    return -(-(kept + recompute) // max(sp, 1))
+
+
+# ---- a plan ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    gpus: int
+    zero_stage: int
+    offload: bool
+    checkpointing: str  # none | full | every_k
+    sp: int = 1
+    micro_batch: int = 1
+    precision: str = "bf16"
+    every_k: int = 2
+
+    @property
+    def dp(self) -> int:
+        """ZeRO shards over the data-parallel group: world / sequence-parallel degree."""
+        return max(self.gpus // max(self.sp, 1), 1)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    setting: Setting
+    states: ModelStates
+    activations: int
+
+    @property
+    def overhead(self) -> int:
+        return CUDA_CONTEXT_BYTES + int(FRAGMENTATION * (self.states.gpu + self.activations))
+
+    @property
+    def total(self) -> int:
+        return self.states.gpu + self.activations + self.overhead
+
+    def fits(self, gpu_memory: int) -> bool:
+        return self.total <= gpu_memory
+
+
+# measure(micro_batch) -> SavedProfile of one micro-batch at that size (the caller caches it).
+Measure = Callable[[int], SavedProfile]
+
+
+def estimate(setting: Setting, params: int, largest_layer: int, n_blocks: int, measure: Measure,
+             frozen: int = 0) -> Estimate:
+    states = model_state_bytes(params, largest_layer, setting.zero_stage, setting.dp, setting.precision,
+                               setting.offload, frozen)
+    ckpt = checkpointed_blocks(setting.checkpointing, n_blocks, setting.every_k) if n_blocks else set()
+    return Estimate(setting, states, activation_bytes(measure(setting.micro_batch), ckpt, setting.sp))
+
+
+_LADDER: list[tuple[str, str, Callable[[Setting], Setting | None]]] = [
+    # (kind, label, change): cheapest first, in speed lost per memory saved.
+    ("ckpt", "activation checkpointing full", lambda x: dataclasses.replace(x, checkpointing="full")
+     if x.checkpointing != "full" else None),
+    ("zero", "ZeRO stage {zero_stage}", lambda x: dataclasses.replace(x, zero_stage=x.zero_stage + 1)
+     if x.zero_stage < 3 else None),
+    ("zero", "ZeRO stage {zero_stage}", lambda x: dataclasses.replace(x, zero_stage=x.zero_stage + 1)
+     if x.zero_stage < 3 else None),
+    ("offload", "offload optimizer", lambda x: dataclasses.replace(x, offload=True, zero_stage=max(x.zero_stage, 1))
+     if not x.offload else None),
+    *[("sp", "sequence parallel {sp}", lambda x: dataclasses.replace(x, sp=x.sp * 2)
+       if x.gpus % (x.sp * 2) == 0 else None)] * 3,
+    *[("micro", "micro-batch {micro_batch}", lambda x: dataclasses.replace(x, micro_batch=x.micro_batch // 2)
+       if x.micro_batch > 1 else None)] * 6,
+    *[("gpus", "{gpus} GPUs", lambda x: dataclasses.replace(x, gpus=x.gpus * 2))] * 10,
+]
+
+
+def _candidates(s: Setting, can_checkpoint: bool, max_gpus: int) -> list[tuple[str, Setting]]:
+    """Each single change of the ladder, then the ladder applied cumulatively (every step so far kept)."""
+    def ok(x: Setting | None) -> bool:
+        return x is not None and x.gpus <= max_gpus and (can_checkpoint or x.checkpointing == s.checkpointing)
+
+    single: list[tuple[str, Setting]] = []
+    for _, label, change in _LADDER:
+        x = change(s)
+        if ok(x) and all(x != c for _, c in single):
+            single.append((label.format(**dataclasses.asdict(x)), x))
+    cumulative, cur, labels = [], s, {}
+    for kind, label, change in _LADDER:
+        x = change(cur)
+        if ok(x):
+            cur, labels[kind] = x, label.format(**dataclasses.asdict(x))
+            cumulative.append((" + ".join(labels.values()), cur))
+    return single + cumulative
+
+
+def cheapest_fit(setting: Setting, params: int, largest_layer: int, n_blocks: int, measure: Measure,
+                 gpu_memory: int, max_gpus: int = 4096, frozen: int = 0) -> tuple[str, Estimate] | None:
+    """The first candidate (cheapest first) whose estimate fits, with its estimate; None if none does."""
+    for name, candidate in _candidates(setting, n_blocks > 0, max_gpus):
+        est = estimate(candidate, params, largest_layer, n_blocks, measure, frozen)
+        if est.fits(gpu_memory):
+            return name, est
+    return None
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks activation checkpointing wraps: the ModuleList of one module class holding the
+    most parameters (a text encoder's layers are a smaller list)."""
+    best, best_n = [], -1
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1:
+            n = sum(p.numel() for p in m.parameters())
+            if n > best_n:
+                best, best_n = list(m), n
+    return best

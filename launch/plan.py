@@ -1,0 +1,250 @@
+"""Memory plan of a preset, before any run: `python launch/plan.py PRESET [key=value ...] [--gpus N] [--gpu-memory GiB]`.
+
+Per rank: weights, gradients and optimizer state for the preset's ZeRO stage and offload, and the activations of
+each bucket (video: each data.buckets entry "HxWxF:B"; text: data.seq_len x train.micro_batch) measured by one
+forward on the `meta` device (nothing allocated, so 8B / 14B presets plan on a laptop); the total against the
+GPU's memory, the largest bucket that fits, and for the others the cheapest change that makes them fit.
+The arithmetic is framework/memory_plan.py; this file only builds each recipe's model and inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import sys
+
+import _bootstrap  # noqa: F401
+import torch
+import torch.nn.functional as F
+
+from framework import memory_plan as mp
+from framework.config import ConfigError
+from framework.data.buckets import parse_buckets
+from framework.recipe import load_run_config
+
+GIB = mp.GIB
+
+
+# ---- what the config says about checkpointing and sequence parallelism --------------------------------------
+def checkpointing_mode(cfg) -> str:
+    """Today a bool `activation_checkpointing` somewhere in the model config (model.wan's for Wan): any true = full,
+    else none. Item 2 of issue 13 (none | full | every_k) replaces this one function."""
+    def flags(node):
+        if dataclasses.is_dataclass(node):
+            for f in dataclasses.fields(node):
+                value = getattr(node, f.name)
+                yield from ([value] if f.name == "activation_checkpointing" else flags(value))
+    return "full" if any(flags(cfg.model)) else "none"
+
+
+def sequence_parallel(cfg) -> int:
+    """train.sequence_parallel once item 1 of issue 13 lands; 1 until then."""
+    return int(getattr(cfg.train, "sequence_parallel", 1) or 1)
+
+
+def without_checkpointing(tree):
+    """A copy of a config (sub)tree with every `activation_checkpointing` set to False: the planner measures the
+    plain forward and computes the checkpointed modes from it (a checkpointed block hides what it saves)."""
+    tree = copy.deepcopy(tree)
+
+    def clear(node):
+        if dataclasses.is_dataclass(node):
+            for f in dataclasses.fields(node):
+                if f.name == "activation_checkpointing":
+                    setattr(node, f.name, False)
+                else:
+                    clear(getattr(node, f.name))
+    clear(tree)
+    return tree
+
+
+# ---- per recipe: buckets and one training forward + loss on meta ------------------------------------------
+def buckets(cfg, recipe) -> list[tuple[str, int]]:
+    """(label, micro-batch) per bucket."""
+    if recipe.name == "llada":
+        return [(f"{cfg.data.seq_len} tokens x {cfg.train.micro_batch}", cfg.train.micro_batch)]
+    return [(spec, parse_buckets([spec])[0].batch_size) for spec in cfg.data.buckets]
+
+
+def _input(*shape, dtype=torch.float32, device="meta"):
+    """An input tensor; on meta nothing is allocated, elsewhere (tests' real forward) standard normal values."""
+    if device == "meta":
+        return torch.empty(*shape, dtype=dtype, device=device)
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def _text(model, cfg, b: int, device):
+    """Caption states as training sees them: the model's trainable encoder run on max-length captions, or the
+    frozen helper's output (a fixed input, no saved activations of its own)."""
+    encoder = getattr(model, "text_encoder", None)
+    if encoder is not None:
+        return encoder(["x" * cfg.text.max_len] * b)
+    mask = torch.ones(b, cfg.text.max_len, dtype=torch.bool, device=device)
+    return _input(b, cfg.text.max_len, cfg.model.text_dim, device=device), mask
+
+
+def training_step(recipe, cfg, bucket: int, b: int, device: str = "meta"):
+    """run(model) -> loss: the forward and loss one micro-batch of the bucket costs, on meta tensors. Losses are
+    the recipes' in kind (cross-entropy over fp32 logits, MSE in fp32), not their masking details. `device`
+    other than meta runs the same step on real tensors (the tests compare both)."""
+    name = recipe.name
+
+    def tensor(*shape, dtype=torch.float32):
+        return _input(*shape, dtype=dtype, device=device)
+
+    if name == "llada":
+        def run(model):
+            ids = torch.zeros(b, cfg.data.seq_len, dtype=torch.long, device=device)
+            logits = model(ids)
+            return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+    elif name == "video_dit":
+        def run(model):
+            x = tensor(b, *recipe.latent_shape(cfg, bucket))
+            text, mask = _text(model, cfg, b, device)
+            return F.mse_loss(model(x, tensor(b), text, mask).float(), x)
+    elif name == "video_audio":
+        def run(model):
+            (cv, *thw), (ca, ta) = recipe.latent_shapes(cfg, bucket)
+            v, a = tensor(b, cv, *thw), tensor(b, ca, ta)
+            text, mask = _text(model, cfg, b, device)
+            pv, pa = model(v, a, tensor(b), tensor(b), text, mask)
+            return F.mse_loss(pv.float(), v) + F.mse_loss(pa.float(), a)
+    elif name == "video_vae":
+        def run(model):
+            spec = parse_buckets([cfg.data.buckets[bucket]])[0]
+            x = tensor(b, 3, spec.frames, spec.height, spec.width)
+            x_hat, mean, logvar = model(x, gen=torch.Generator())
+            return F.mse_loss(x_hat.float(), x) + (mean.float().pow(2) + logvar.float().exp()).mean()
+    elif name == "audio_vae":
+        def run(model):
+            spec = parse_buckets([cfg.data.buckets[bucket]])[0]
+            samples = round(spec.seconds(cfg.data.fps) * cfg.mel.rate)
+            x = tensor(b, cfg.mel.n_mels, samples // cfg.mel.hop)  # stft_magnitude keeps S // hop frames
+            x_hat, mean, logvar = model(x, gen=torch.Generator())
+            return F.l1_loss(x_hat.float(), x) + (mean.float().pow(2) + logvar.float().exp()).mean()
+    else:
+        raise ConfigError(f"recipe {name!r}: the memory planner does not know its inputs yet")
+    return run
+
+
+@dataclasses.dataclass
+class ModelProfile:
+    params: int
+    largest_layer: int
+    frozen: int
+    n_blocks: int
+    measure_bucket: object  # (bucket index, micro-batch) -> SavedProfile, cached
+
+
+def profile_model(recipe, cfg) -> ModelProfile:
+    """Build the model on meta (no weights allocated) in the training dtype, and a cached measurer."""
+    plain = without_checkpointing(cfg)
+    with torch.device("meta"):
+        model = recipe.build_model(plain).model
+        if getattr(getattr(cfg, "lora", None), "rank", 0) > 0:  # as the trainer does: adapters in, base frozen
+            from framework import lora
+
+            lora.apply(model, plain)
+    if cfg.train.precision == "bf16":
+        model = model.to(torch.bfloat16)  # DeepSpeed's bf16 engine casts the module the same way
+    model.train()
+    params, largest, frozen = mp.count_params(model)
+    blocks = mp.find_blocks(model)
+    cache: dict = {}
+
+    def measure(bucket: int, b: int) -> mp.SavedProfile:
+        if (bucket, b) not in cache:
+            cache[bucket, b] = mp.measure_saved(model, training_step(recipe, plain, bucket, b), blocks)
+        return cache[bucket, b]
+    return ModelProfile(params, largest, frozen, len(blocks), measure)
+
+
+# ---- the report ---------------------------------------------------------------------------------------------
+def gib(n: float) -> str:
+    return f"{n / GIB:8.2f}"
+
+
+def plan(preset: str, overrides: list[str], gpus: int, gpu_memory: float | None) -> list[str]:
+    """The plan's printable lines (also what the tests read)."""
+    cfg, recipe = load_run_config(preset, overrides, 1)  # the batch split is not the planner's business
+    capacity = int((gpu_memory if gpu_memory is not None else default_gpu_memory()) * GIB)
+    prof = profile_model(recipe, cfg)
+    t = cfg.train
+    base = mp.Setting(gpus=gpus, zero_stage=t.zero_stage, offload=t.offload_optimizer,
+                      checkpointing=checkpointing_mode(cfg), sp=sequence_parallel(cfg), precision=t.precision)
+    frozen = f" + {prof.frozen:,} frozen" if prof.frozen else ""
+    lines = [f"{preset}: recipe {recipe.name}, {prof.params:,} trainable{frozen} parameters (largest layer "
+             f"{prof.largest_layer:,}), {prof.n_blocks} blocks; {gpus} GPU(s) of {capacity / GIB:.1f} GiB, "
+             f"ZeRO {base.zero_stage}{' + optimizer offload' if base.offload else ''}, {t.precision}, "
+             f"activation checkpointing {base.checkpointing}, sequence parallel {base.sp} (data parallel {base.dp})",
+             "per rank, GiB:",
+             f"{'bucket':<24}{'weights':>9}{'grads':>9}{'optim':>9}{'gather':>9}{'activ':>9}{'overhd':>9}"
+             f"{'total':>9}  verdict"]
+    results = []
+    for i, (label, b) in enumerate(buckets(cfg, recipe)):
+        setting = dataclasses.replace(base, micro_batch=b)
+        measure = functools.partial(prof.measure_bucket, i)
+        est = mp.estimate(setting, prof.params, prof.largest_layer, prof.n_blocks, measure, prof.frozen)
+        s = est.states
+        ok = est.fits(capacity)
+        results.append((label, est, ok, setting, measure))
+        lines.append(f"{label:<24}{gib(s.weights)}{gib(s.grads)}{gib(s.optimizer)}{gib(s.gathered)}"
+                     f"{gib(est.activations)}{gib(est.overhead)}{gib(est.total)}  "
+                     f"{'fits' if ok else 'does not fit'}")
+    if any(r[1].states.cpu for r in results):
+        lines.append(f"host memory per rank (offloaded optimizer + fp32 gradients): {results[0][1].states.cpu / GIB:.2f} GiB")
+    lines.append(f"assumed overhead: {mp.CUDA_CONTEXT_BYTES / GIB:.0f} GiB CUDA context and workspaces + "
+                 f"{mp.FRAGMENTATION:.0%} of states and activations for fragmentation; frozen helpers (VAE, text "
+                 f"encoder) are not counted; activations = bytes saved for backward (flash-attention kernels)")
+    fitting = [r for r in results if r[2]]
+    if fitting:
+        largest = max(fitting, key=lambda r: r[1].activations)
+        lines.append(f"largest bucket that fits: {largest[0]} ({largest[1].total / GIB:.2f} of {capacity / GIB:.1f} GiB)")
+    else:
+        lines.append("no bucket fits as configured")
+    for label, _, ok, setting, measure in results:
+        if ok:
+            continue
+        found = mp.cheapest_fit(setting, prof.params, prof.largest_layer, prof.n_blocks, measure, capacity,
+                                frozen=prof.frozen)
+        lines.append(f"{label}: fits with {found[0]} ({found[1].total / GIB:.2f} GiB)" if found
+                     else f"{label}: no setting the planner tries makes it fit")
+    return lines
+
+
+def default_gpu_memory() -> float:
+    """The first GPU's memory in GiB where CUDA exists, else 80 (an 80 GB-class card)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GIB
+    return 80.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("preset", help="YAML preset, e.g. recipes/llada/configs/8b.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    parser.add_argument("--gpus", type=int, default=1, help="world size (ranks) to plan for")
+    parser.add_argument("--gpu-memory", type=float, default=None,
+                        help="GiB per GPU (default: this machine's GPU, else 80)")
+    parser.add_argument("--plan", action="store_true", help=argparse.SUPPRESS)  # launch/train.py --plan delegates
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow --gpus N
+    if args.gpus < 1:
+        print("config error: --gpus must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        lines = plan(args.preset, args.overrides, args.gpus, args.gpu_memory)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, NotImplementedError) as e:  # the model refused the shape (a bucket, seq_len)
+        print(f"error: {args.preset}: the planner's meta forward failed: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
