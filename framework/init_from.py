@@ -19,12 +19,14 @@ import torch
 from framework import checkpoint
 from framework import distributed as dist
 from framework.config import ConfigError, RunConfig, to_dict
+from framework.nn.checkpointing import drop_checkpointing_keys
 
 
 def check_model_config(run: dict, found: dict, source: str | Path, ignore: tuple[str, ...] = ()) -> None:
     """ConfigError naming every `model.*` key whose value differs between the run and the source.
 
     Keys missing on either side are not compared (strict key and shape checks of the weights follow)."""
+    run, found = drop_checkpointing_keys(run), drop_checkpointing_keys(found)
     diffs = [f"model.{k}: {run[k]} in the run config but {found[k]} in {source}"
              for k in run if k in found and k not in ignore and found[k] != run[k]]
     if diffs:

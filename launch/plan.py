@@ -29,14 +29,25 @@ GIB = mp.GIB
 
 # ---- what the config says about checkpointing and sequence parallelism --------------------------------------
 def checkpointing_mode(cfg) -> str:
-    """Today a bool `activation_checkpointing` somewhere in the model config (model.wan's for Wan): any true = full,
-    else none. Item 2 of issue 13 (none | full | every_k) replaces this one function."""
-    def flags(node):
+    """`activation_checkpointing` (none | full | every_k) of the model config, model.wan's for Wan: the first
+    value that is not none, else none."""
+    def modes(node):
         if dataclasses.is_dataclass(node):
             for f in dataclasses.fields(node):
                 value = getattr(node, f.name)
-                yield from ([value] if f.name == "activation_checkpointing" else flags(value))
-    return "full" if any(flags(cfg.model)) else "none"
+                yield from ([value] if f.name == "activation_checkpointing" else modes(value))
+    return next((m for m in modes(cfg.model) if m != "none"), "none")
+
+
+def checkpointing_every(cfg) -> int:
+    """The k of every_k (`activation_checkpointing_every` beside the mode checkpointing_mode read)."""
+    def ks(node):
+        if dataclasses.is_dataclass(node):
+            if getattr(node, "activation_checkpointing", "none") != "none":
+                yield getattr(node, "activation_checkpointing_every", 2)
+            for f in dataclasses.fields(node):
+                yield from ks(getattr(node, f.name))
+    return next(ks(cfg.model), 2)
 
 
 def sequence_parallel(cfg) -> int:
@@ -53,7 +64,7 @@ def without_checkpointing(tree):
         if dataclasses.is_dataclass(node):
             for f in dataclasses.fields(node):
                 if f.name == "activation_checkpointing":
-                    setattr(node, f.name, False)
+                    setattr(node, f.name, "none")
                 else:
                     clear(getattr(node, f.name))
     clear(tree)
@@ -173,7 +184,8 @@ def plan(preset: str, overrides: list[str], gpus: int, gpu_memory: float | None)
     prof = profile_model(recipe, cfg)
     t = cfg.train
     base = mp.Setting(gpus=gpus, zero_stage=t.zero_stage, offload=t.offload_optimizer,
-                      checkpointing=checkpointing_mode(cfg), sp=sequence_parallel(cfg), precision=t.precision)
+                      checkpointing=checkpointing_mode(cfg), every_k=checkpointing_every(cfg),
+                      sp=sequence_parallel(cfg), precision=t.precision)
     frozen = f" + {prof.frozen:,} frozen" if prof.frozen else ""
     lines = [f"{preset}: recipe {recipe.name}, {prof.params:,} trainable{frozen} parameters (largest layer "
              f"{prof.largest_layer:,}), {prof.n_blocks} blocks; {gpus} GPU(s) of {capacity / GIB:.1f} GiB, "

@@ -51,7 +51,8 @@ class LladaHFConfig(PretrainedConfig):
     mask_id: int = 4
     causal: bool = False
     init_std: float = 0.02
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = "none"  # none | full | every_k; older exports saved true/false
+    activation_checkpointing_every: int = 2
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2

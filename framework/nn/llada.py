@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from framework.nn.attention import attention, build_attention_mask
+from framework.nn.checkpointing import CheckpointingMode, normalise_mode, run_block, should_checkpoint
 from framework.nn.init import gathered_for_init
 from framework.nn.layers import RMSNorm, SwiGLU
 from framework.nn.rope import apply_rope, rope_frequencies
@@ -37,9 +37,14 @@ class LladaModelConfig:
     mask_id: int = 4
     causal: bool = False  # True gives the autoregressive twin used for speed and quality comparisons
     init_std: float = 0.02
-    activation_checkpointing: bool = False  # recompute each block in backward (8B SFT at 4096 tokens)
+    # none | full | every_k (one block in every activation_checkpointing_every): blocks recomputed in
+    # backward (8B SFT at 4096 tokens); true/false from older configs read as full/none.
+    activation_checkpointing: CheckpointingMode = "none"
+    activation_checkpointing_every: int = 2
 
     def __post_init__(self) -> None:
+        self.activation_checkpointing = normalise_mode(self.activation_checkpointing,
+                                                       self.activation_checkpointing_every)
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2:
@@ -237,12 +242,10 @@ class LladaModel(nn.Module):
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             layer_past = None if past is None else (past.keys[i], past.values[i])
-            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-                # Activations of long rows dwarf a block's weights; recomputing them costs one more forward.
-                x, (k, v) = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, positions, layer_past,
-                                                              use_reentrant=False)
-            else:
-                x, (k, v) = block(x, cos, sin, mask, positions, layer_past)
+            # Activations of long rows dwarf a block's weights; recomputing them costs one more forward.
+            recompute = self.training and torch.is_grad_enabled() and should_checkpoint(
+                self.cfg.activation_checkpointing, self.cfg.activation_checkpointing_every, i)
+            x, (k, v) = run_block(block, x, cos, sin, mask, positions, layer_past, checkpoint=recompute)
             keys.append(k)
             values.append(v)
         return self.norm(x), KVCache(keys, values, cur_mask)

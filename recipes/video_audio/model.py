@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
 import torch
-import torch.utils.checkpoint
 from einops import rearrange
 from torch import Tensor, nn
 
 from framework.nn.attention import attention
+from framework.nn.checkpointing import CheckpointingMode, normalise_mode, run_block, should_checkpoint
 from framework.nn.dit import Attention, DiTBlock, FinalLayer, TimestepEmbedder, modulate, patchify, unpatchify
 from framework.nn.init import gathered_for_init, xavier_linears
 from framework.nn.rope import apply_rope
@@ -46,11 +46,14 @@ class JointAVConfig:
     temporal_compression: int = 4  # video VAE frames per latent (after the lone first frame)
     audio_latent_rate: float = 25.0  # audio VAE latents per second
     shared_time_rope: bool = True  # False: cross-modal attention without any rotation (the ablation)
-    activation_checkpointing: bool = False
+    activation_checkpointing: CheckpointingMode = "none"  # none | full | every_k; true/false = full/none
+    activation_checkpointing_every: int = 2  # every_k: blocks 0, k, 2k, ... recomputed in backward
     # Keys saved under an older name (framework.config.from_dict reads them as the new one, with a warning).
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"time_scale": "rope_positions_per_second"}
 
     def __post_init__(self) -> None:
+        self.activation_checkpointing = normalise_mode(self.activation_checkpointing,
+                                                       self.activation_checkpointing_every)
         if self.dim % self.heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
         if len(self.video_patch) != 3 or min(self.video_patch) < 1 or self.audio_patch < 1:
@@ -217,9 +220,8 @@ class JointAVDiT(nn.Module):
         sv = Stream(time6_v, rope_v, cross_v, self.video.text_proj(text), text_mask)
         sa = Stream(time6_a, rope_a, cross_a, self.audio.text_proj(text), text_mask)
         gate = None if bridge is None else bridge.to(device=dev, dtype=v.dtype).view(-1, 1, 1)
-        for block in self.blocks:
-            if cfg.activation_checkpointing and self.training:
-                v, a = torch.utils.checkpoint.checkpoint(block, v, a, sv, sa, gate, use_reentrant=False)
-            else:
-                v, a = block(v, a, sv, sa, gate)
+        for i, block in enumerate(self.blocks):
+            recompute = self.training and should_checkpoint(cfg.activation_checkpointing,
+                                                            cfg.activation_checkpointing_every, i)
+            v, a = run_block(block, v, a, sv, sa, gate, checkpoint=recompute)
         return self.video.head(v, c_v, grid_v), self.audio.head(a, c_a, grid_a)[..., 0, 0]

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from framework.config import ConfigError
+from framework.nn.checkpointing import CheckpointingMode, normalise_mode, run_block, should_checkpoint
 from framework.nn.dit import DiTBlock, FinalLayer, TimestepEmbedder, patchify, unpatchify
 from framework.nn.init import gathered_for_init, xavier_linears
 from framework.nn.rope_nd import default_bands, grid_positions, rope_nd
@@ -25,7 +25,8 @@ SHARED_WITH_WAN = {"in_channels": "in_channels", "patch": "patch_size", "text_di
 # Where a VideoDiT-only setting lives in model.wan (for the error message).
 WAN_NAME = {"dim": "num_attention_heads x model.wan.attention_head_dim", "depth": "num_layers",
             "heads": "num_attention_heads", "ffn_hidden": "ffn_dim", "timestep_scale": "timestep_scale",
-            "activation_checkpointing": "activation_checkpointing"}
+            "activation_checkpointing": "activation_checkpointing",
+            "activation_checkpointing_every": "activation_checkpointing_every"}
 
 
 @dataclass
@@ -40,7 +41,9 @@ class VideoDiTConfig:
     rope_theta: float = 10000.0
     text_dim: int = 128  # width of the text encoder's output
     timestep_scale: float = 1000.0  # diffusion t in [0, 1] is embedded as t * timestep_scale
-    activation_checkpointing: bool = False  # recompute blocks in backward (long clips at 480p and up)
+    # none | full | every_k: blocks recomputed in backward (long clips at 480p and up); true/false = full/none
+    activation_checkpointing: CheckpointingMode = "none"
+    activation_checkpointing_every: int = 2  # every_k: blocks 0, k, 2k, ...
     # "dit": the fields above (our VideoDiT); "wan": diffusers' WanTransformer3DModel, shaped by `wan` alone.
     arch: Literal["dit", "wan"] = "dit"
     wan: WanConfig = field(default_factory=WanConfig)
@@ -48,6 +51,8 @@ class VideoDiTConfig:
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"time_scale": "timestep_scale"}
 
     def __post_init__(self) -> None:
+        self.activation_checkpointing = normalise_mode(self.activation_checkpointing,
+                                                       self.activation_checkpointing_every)
         if self.arch == "wan":
             self._follow_wan()
         if self.dim % self.heads:
@@ -125,13 +130,11 @@ class VideoDiT(nn.Module):
         time6 = self.time_proj(nn.functional.silu(c)).unflatten(1, (6, -1))
         context = self.text_proj(text)
         rope = self.rope(grid, x.device)
-        for block in self.blocks:
-            if self.cfg.activation_checkpointing and self.training:
-                # Recompute each block in backward: activations of long videos dwarf the weights otherwise.
-                tokens = torch.utils.checkpoint.checkpoint(block, tokens, time6, rope, context, text_mask,
-                                                           use_reentrant=False)
-            else:
-                tokens = block(tokens, time6, rope, context, text_mask)
+        for i, block in enumerate(self.blocks):
+            # Recompute blocks in backward: activations of long videos dwarf the weights otherwise.
+            recompute = self.training and should_checkpoint(
+                self.cfg.activation_checkpointing, self.cfg.activation_checkpointing_every, i)
+            tokens = run_block(block, tokens, time6, rope, context, text_mask, checkpoint=recompute)
         return unpatchify(self.final(tokens, c), grid, self.patch, self.cfg.in_channels)
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -32,6 +31,7 @@ from framework.config import ConfigError
 from framework.export import diffusers_wan
 from framework.export.diffusers_wan import CONFIG_KEYS
 from framework.nn.attention import attention
+from framework.nn.checkpointing import CheckpointingMode, normalise_mode, run_block, should_checkpoint
 from framework.nn.dit import patchify, timestep_embedding, unpatchify
 from framework.nn.init import gathered_for_init, xavier_linears
 from framework.nn.layers import RMSNorm
@@ -60,9 +60,13 @@ class WanConfig:
     rope_max_seq_len: int = 1024  # diffusers' RoPE table length: latent grids must stay within it per axis
     # Ours, not diffusers': the recipe passes t in [0, 1]; Wan was trained on timesteps t * 1000.
     timestep_scale: float = 1000.0
-    activation_checkpointing: bool = False  # recompute blocks in backward
+    activation_checkpointing: CheckpointingMode = "none"  # none | full | every_k; true/false = full/none
+    activation_checkpointing_every: int = 2  # every_k: blocks 0, k, 2k, ... recomputed in backward
 
     def __post_init__(self) -> None:
+        self.activation_checkpointing = normalise_mode(self.activation_checkpointing,
+                                                       self.activation_checkpointing_every,
+                                                       "model.wan.activation_checkpointing")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ConfigError(f"model.wan.patch_size must be three positive sizes (pt, ph, pw), got {self.patch_size}")
         if self.attention_head_dim % 2:
@@ -211,11 +215,10 @@ class WanDiT(nn.Module):
         time6 = self.time_proj(F.silu(temb)).unflatten(1, (6, -1))
         context = self.text_proj(text)
         rope = wan_rope(grid, self.cfg.attention_head_dim, x.device)
-        for block in self.blocks:
-            if self.cfg.activation_checkpointing and self.training:
-                tokens = torch.utils.checkpoint.checkpoint(block, tokens, time6, context, rope, use_reentrant=False)
-            else:
-                tokens = block(tokens, time6, context, rope)
+        for i, block in enumerate(self.blocks):
+            recompute = self.training and should_checkpoint(
+                self.cfg.activation_checkpointing, self.cfg.activation_checkpointing_every, i)
+            tokens = run_block(block, tokens, time6, context, rope, checkpoint=recompute)
         shift, scale = (self.head_modulation + temb[:, None].float()).chunk(2, dim=1)
         tokens = (layer_norm32(tokens, None, self.cfg.eps) * (1 + scale) + shift).to(tokens.dtype)
         return unpatchify(self.head(tokens), grid, tuple(self.cfg.patch_size), self.cfg.out_channels)

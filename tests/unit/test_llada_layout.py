@@ -221,7 +221,7 @@ def test_8b_sft_preset_describes_8_02b_and_takes_its_shape_from_the_folder(tmp_p
     preset = str(ROOT / "recipes/llada/configs/llada_8b_sft.yaml")
     cfg, recipe = load_run_config(preset, [], world=8)
     assert recipe.describe(cfg).startswith("8.02B parameters")
-    assert (cfg.train.zero_stage, cfg.train.precision, cfg.model.activation_checkpointing) == (3, "bf16", True)
+    assert (cfg.train.zero_stage, cfg.train.precision, cfg.model.activation_checkpointing) == (3, "bf16", "full")
     write_folder(llama(vocab=128), tmp_path, mask_id=100)
     cfg, _ = load_run_config(preset, [f"train.init_from={tmp_path}", "data.seq_len=64"], world=8)
     assert (cfg.model.dim, cfg.model.n_layers, cfg.model.n_kv_heads, cfg.model.ffn_hidden, cfg.model.vocab_size,
