@@ -41,7 +41,7 @@ def test_assign_shards_too_few_shards_names_counts():
 def test_read_tar_samples_groups_files_by_key(make_shards):
     out = make_shards(n_docs=10, shard_tokens=10**6)
     samples = read_tar_samples(out / "shard-000000.tar", expected_samples=10)
-    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(10)]
+    assert [s["__key__"] for s in samples] == [f"{i:09d}_00000" for i in range(10)]  # DOCUMENT_CHUNK
     assert all(set(s) == {"__key__", "tokens.npy"} for s in samples)
     ids = decode_npy(samples[0]["tokens.npy"])
     assert ids.dtype == np.int32 and ids.ndim == 1 and ids.size > 0
