@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
-import torch
 from einops import rearrange
 from torch import Tensor, nn
 

@@ -13,8 +13,14 @@ import yaml
 from framework.config import from_dict
 from framework.diffusion import flow
 from framework.export import diffusers_wan
-from recipes.video_dit.wan import (WanConfig, WanDiT, count_parameters, export_diffusers, load_diffusers_folder,
-                                   wan_rope)
+from recipes.video_dit.wan import (
+    WanConfig,
+    WanDiT,
+    count_parameters,
+    export_diffusers,
+    load_diffusers_folder,
+    wan_rope,
+)
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
