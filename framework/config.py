@@ -46,6 +46,9 @@ class TrainConfig:
     max_bad_steps: int = 3
     # A collective that waits longer than this (a frozen or dead rank) ends the run with a message.
     collective_timeout_minutes: float = 10.0
+    # Ulysses sequence parallelism: each sequence split this many ways inside groups of as many ranks
+    # (data parallel = world / sequence_parallel). 1 = off.
+    sequence_parallel: int = 1
 
 
 @dataclass
