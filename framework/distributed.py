@@ -134,11 +134,16 @@ def split_work(items: list, rank: int, world: int) -> list:
 
 
 def gather_work(results: list, n: int, world: int) -> list:
-    """Every rank's `split_work` results, on every rank, in the original item order (padding dropped)."""
+    """Every rank's `split_work` results, on every rank, in the original item order (padding dropped).
+
+    `world` may be the data-parallel size world / N under `train.sequence_parallel=N`: the N ranks of a group
+    (consecutive ranks) did the same work, so the first rank of each group speaks for it."""
     gathered = [results]
-    if world > 1:
-        gathered = [None] * world
+    every = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1  # all ranks
+    if every > 1:
+        gathered = [None] * every
         torch.distributed.all_gather_object(gathered, results)
+        gathered = gathered[::every // world]
     return [gathered[r][i] for i in range(len(results)) for r in range(world)][:n]
 
 

@@ -12,13 +12,19 @@ from framework.config import RunConfig
 
 
 def deepspeed_config(cfg: RunConfig, world: int, load_universal: bool = False) -> dict:
-    """The DeepSpeed JSON config our typed config implies (one place, so nothing drifts)."""
+    """The DeepSpeed JSON config our typed config implies (one place, so nothing drifts). `world` is the
+    data-parallel size (world / train.sequence_parallel): the batch arithmetic counts replicas, not ranks."""
     t, o = cfg.train, cfg.optim
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage >= 1:
         zero.update(overlap_comm=dist.has_cuda(), contiguous_gradients=True, reduce_bucket_size=5e7)
     if t.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
+        if t.sequence_parallel > 1:
+            # DeepSpeed 0.19's ZeRO-3 reduce-scatter path (`__avg_scatter_grads`) averages over all ranks, ignoring
+            # the sequence-parallel size: SP=2 gradients came out at half of SP=1's. Its all-reduce path divides by
+            # world / N as stages 0-2 do (tests/dist/test_sequence_parallel.py checks every gradient).
+            zero.update(reduce_scatter=False)
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": dist.has_cuda()}
     ds: dict[str, Any] = {
@@ -58,21 +64,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def model_init_context(ds_config: dict) -> contextlib.AbstractContextManager:
-    """Under ZeRO-3 build parameters already partitioned, so no rank ever holds the full model."""
+def model_init_context(ds_config: dict, mpu: Any = None) -> contextlib.AbstractContextManager:
+    """Under ZeRO-3 build parameters already partitioned, so no rank ever holds the full model. With sequence
+    parallelism (`mpu`), over the sequence-data-parallel group (all ranks), as the engine will."""
     if ds_config["zero_optimization"]["stage"] == 3:
         import deepspeed
 
-        return deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=None)
+        group = mpu.get_sequence_data_parallel_group() if mpu is not None else None
+        return deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=None, mpu=mpu,
+                                   data_parallel_group=group)
     return contextlib.nullcontext()
 
 
-def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict) -> Any:
-    """Wrap the trainable model in a DeepSpeed engine with AdamW from the config."""
+def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict, mpu: Any = None) -> Any:
+    """Wrap the trainable model in a DeepSpeed engine with AdamW from the config. `mpu`: DeepSpeed's sequence-parallel
+    groups (`sequence_parallel.init`), from which it reduces gradients over all ranks divided by world / N and
+    shards ZeRO over the sequence-data-parallel group (all ranks)."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-                                           config=ds_config)
+                                           config=ds_config, mpu=mpu)
     return engine
 
 

@@ -19,6 +19,7 @@ from framework import engine as engine_lib
 from framework.config import RunConfig, to_dict
 from framework.ema import ShardedEMA
 from framework.metrics import Logger, mfu, peak_tflops
+from framework.nn import sequence_parallel
 from framework.recipe import Recipe
 from framework.rng import capture_rng, restore_rng, seed_everything, step_generator
 from framework.schedule import lr_at
@@ -63,7 +64,13 @@ def freeze(helpers: dict[str, torch.nn.Module], device: torch.device, dtype: tor
 def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
     dist.init(timeout_minutes=cfg.train.collective_timeout_minutes)
     rank, world, device = dist.rank(), dist.world(), dist.device()
-    accum = cfg.grad_accum(world)
+    # train.sequence_parallel=N: groups of N consecutive ranks share each sample, so data, batch arithmetic, noise
+    # and evaluation go by the data-parallel rank and size; ZeRO still shards over all ranks (DeepSpeed's rule).
+    sp = cfg.train.sequence_parallel
+    sequence_parallel.check_world(world, sp)
+    mpu = sequence_parallel.init(sp)
+    dp_rank, dp_world = sequence_parallel.dp_rank(rank, sp), sequence_parallel.dp_world(world, sp)
+    accum = cfg.grad_accum(dp_world)
 
     # Where we resume from decides the DeepSpeed config (universal loading), so find it first.
     ckpt = checkpoint.resolve(cfg.resume, cfg.run_dir)
@@ -72,12 +79,12 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
         if cfg.resume != "auto":
             _roll_back_to(ckpt, cfg.run_dir)
     universal = ckpt is not None and checkpoint.needs_universal(ckpt, world)
-    ds_config = engine_lib.deepspeed_config(cfg, world, load_universal=universal)
+    ds_config = engine_lib.deepspeed_config(cfg, dp_world, load_universal=universal)
 
     # Data first: a missing or empty dataset should fail before minutes of model construction.
-    data = recipe.build_data(cfg, "train", rank, world, batch_multiple=accum)
+    data = recipe.build_data(cfg, "train", dp_rank, dp_world, batch_multiple=accum)
     seed_everything(cfg.train.seed)
-    with engine_lib.model_init_context(ds_config):
+    with engine_lib.model_init_context(ds_config, mpu):
         built = recipe.build_model(cfg)
     # train.init_from starts a fresh run from other weights; a run resuming from its own checkpoint ignores it.
     started = init_from.load(recipe, cfg, built.model) if cfg.train.init_from and ckpt is None else ""
@@ -85,7 +92,7 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
     adapted = lora.apply(built.model, cfg)
     compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     helpers = freeze(recipe.build_helpers(cfg), device, compute_dtype)
-    engine = engine_lib.initialize(built.model, cfg, ds_config)
+    engine = engine_lib.initialize(built.model, cfg, ds_config, mpu=mpu)
     ema = ShardedEMA(engine.module, cfg.ema.decay, rank, world) if cfg.ema.decay > 0 else None
 
     step, bad_total = 0, 0
@@ -93,7 +100,7 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
         if universal:
             checkpoint.make_universal(ckpt)
         checkpoint.load_engine(engine, ckpt, universal)
-        step, bad_total = _restore_trainer_state(ckpt, data, ema, rank, world)
+        step, bad_total = _restore_trainer_state(ckpt, data, ema, rank, world, sp)
 
     config_dict = to_dict(cfg)
     if dist.is_main():
@@ -103,7 +110,8 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
                     wandb_mode=cfg.log.wandb, project=cfg.log.project, progress=cfg.log.progress)
     summary = recipe.describe(cfg)
     logger.write(f"[{recipe.name}] {summary} | world {world}, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, "
-                 f"micro {cfg.train.micro_batch} x accum {accum} x world {world} = {cfg.train.global_batch}"
+                 f"micro {cfg.train.micro_batch} x accum {accum} x data-parallel {dp_world} = {cfg.train.global_batch}"
+                 + (f" | sequence parallel {sp} (Ulysses)" if sp > 1 else "")
                  + (f" | resumed from {ckpt} at step {step}" if ckpt else "") + (f" | {started}" if started else "")
                  + (f" | {adapted}" if adapted else "")
                  + (f" (train.init_from={cfg.train.init_from} ignored: resume wins)" if ckpt and cfg.train.init_from
@@ -128,7 +136,7 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
             batch = next(batches)
             wait += time.perf_counter() - t_wait
             batch = to_device(batch, device)
-            gen = step_generator(cfg.train.seed, step, rank, micro, device=device)
+            gen = step_generator(cfg.train.seed, step, dp_rank, micro, device=device)  # same noise in an SP group
             loss, metrics = recipe.loss(cfg, engine, helpers, batch, gen)
             engine.backward(loss)
             engine.step()
@@ -149,7 +157,9 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
                                   op="sum")
         means = {k: v / world for k, v in zip(keys, reduced)}
         units, flops, wait, stop, bad_ranks = reduced[len(keys):len(keys) + 5]
-        data_stats = {f"data/{k}": v for k, v in zip(counters, reduced[len(keys) + 5:])}
+        # The N ranks of a sequence-parallel group hold the same batch: count its work and data counters once.
+        units, flops = units / sp, flops / sp
+        data_stats = {f"data/{k}": v / sp for k, v in zip(counters, reduced[len(keys) + 5:])}
         bad = bad_ranks > 0 or not _finite(means["loss"])
         bad_streak, bad_total = (bad_streak + 1, bad_total + 1) if bad else (0, bad_total)
         # The EMA only averages finite, applied updates, so a bad step never reaches it.
@@ -167,10 +177,10 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
             _on_bad_step(step, bad_streak, _bad_reason(means["loss"], grad_norm, engine), cfg, logger)
 
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-            result.eval = _evaluate(recipe, engine, helpers, cfg, rank, world, step, logger)
+            result.eval = _evaluate(recipe, engine, helpers, cfg, dp_rank, dp_world, step, logger)
         due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
         if (due or stop > 0 or (step == stop_at and cfg.checkpoint.at_end)) and _can_save(engine, bad, step, logger):
-            state = _trainer_state(step, data, ema, rank, world, bad_total)
+            state = _trainer_state(step, data, ema, rank, world, bad_total, sp)
             result.checkpoint = str(checkpoint.save(engine, cfg.run_dir, step, state, config_dict,
                                                     cfg.checkpoint.keep_last))
             saved_at = step
@@ -182,7 +192,7 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
             break
 
     if not result.preempted and cfg.eval.at_end and step == cfg.train.steps:
-        result.eval = _evaluate(recipe, engine, helpers, cfg, rank, world, step, logger)
+        result.eval = _evaluate(recipe, engine, helpers, cfg, dp_rank, dp_world, step, logger)
     result.step = step
     if saved_at != step and not result.preempted:  # e.g. resumed at the end already
         found = checkpoint.complete_checkpoints(Path(cfg.run_dir) / "checkpoints")
@@ -193,7 +203,8 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
 
 def _evaluate(recipe: Recipe, engine: Any, helpers: dict, cfg: RunConfig, rank: int, world: int, step: int,
               logger: Logger) -> dict:
-    """Evaluation and sampling run on every rank (each does its share) so nobody idles into a timeout."""
+    """Evaluation and sampling run on every rank (each does its share) so nobody idles into a timeout. rank and
+    world are the data-parallel ones: the ranks of a sequence-parallel group run the same forwards together."""
     engine.eval()
     with torch.no_grad():
         values = recipe.evaluate(cfg, engine, helpers, rank, world, step)
@@ -262,15 +273,20 @@ def _roll_back_to(ckpt: Path, run_dir: str) -> None:
     dist.barrier()
 
 
-def _trainer_state(step: int, data: Any, ema: ShardedEMA | None, rank: int, world: int, bad_total: int = 0) -> dict:
+def _trainer_state(step: int, data: Any, ema: ShardedEMA | None, rank: int, world: int, bad_total: int = 0,
+                   sp: int = 1) -> dict:
     """Everything of ours a resume needs, as plain types and tensors (loadable with weights_only=True)."""
     return {"step": step, "rank": rank, "world": world, "data": data.state_dict(), "rng": capture_rng(),
-            "ema": ema.state_dict() if ema is not None else None, "bad_steps": bad_total}
+            "ema": ema.state_dict() if ema is not None else None, "bad_steps": bad_total, "sequence_parallel": sp}
 
 
-def _restore_trainer_state(ckpt: Path, data: Any, ema: ShardedEMA | None, rank: int, world: int) -> tuple[int, int]:
+def _restore_trainer_state(ckpt: Path, data: Any, ema: ShardedEMA | None, rank: int, world: int,
+                           sp: int = 1) -> tuple[int, int]:
     states = checkpoint.trainer_states(ckpt)
-    same_world = len(states) == world
+    # ZeRO shards over all ranks whatever train.sequence_parallel is, so weights and optimizer load across an SP
+    # change; the data cursors do not (another data-parallel split), so that is handled like a world-size change.
+    old_sp = int(states[0].get("sequence_parallel", 1))
+    same_world = len(states) == world and old_sp == sp
     if ema is not None:
         if states[0]["ema"] is None:
             warnings.warn(f"{ckpt} has no EMA: starting the EMA from the loaded weights", stacklevel=2)
@@ -285,5 +301,7 @@ def _restore_trainer_state(ckpt: Path, data: Any, ema: ShardedEMA | None, rank: 
         # the checkpoint was in under the new split (samples already seen in that epoch may repeat).
         epoch = int(states[0]["data"].get("epoch", 0))
         data.start_epoch(epoch)
-        dist.print0(f"world size changed {len(states)} -> {world}: data restarts epoch {epoch} under the new split")
+        change = (f"world size changed {len(states)} -> {world}" if old_sp == sp
+                  else f"train.sequence_parallel changed {old_sp} -> {sp}")
+        dist.print0(f"{change}: data restarts epoch {epoch} under the new split")
     return int(states[0]["step"]), int(states[0].get("bad_steps", 0))

@@ -13,6 +13,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from framework.nn import sequence_parallel
 from framework.nn.attention import attention
 from framework.nn.layers import RMSNorm
 from framework.nn.rope import apply_rope
@@ -58,11 +59,15 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention (self or cross) with optional qk RMSNorm and RoPE on the queries/keys."""
+    """Multi-head attention (self or cross) with optional qk RMSNorm and RoPE on the queries/keys.
 
-    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, qk_norm: bool = True):
+    sharded: x (and context) are sequence shards under `train.sequence_parallel` (a DiT's token self-attention),
+    attended through DeepSpeed's all-to-all; False for attention over whole sequences (a text encoder) and for
+    cross-attention of token shards to the whole text."""
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, qk_norm: bool = True, sharded: bool = False):
         super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
+        self.heads, self.head_dim, self.sharded = heads, dim // heads, sharded
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(kv_dim or dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
@@ -78,7 +83,10 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, key_padding_mask=key_padding_mask)
+        if self.sharded:
+            out = sequence_parallel.sharded_attention(q, k, v, key_padding_mask=key_padding_mask)
+        else:
+            out = attention(q, k, v, key_padding_mask=key_padding_mask)
         return self.out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -88,7 +96,7 @@ class DiTBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_hidden: int, qk_norm: bool = True, cross_attention: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, heads, qk_norm=qk_norm)
+        self.attn = Attention(dim, heads, qk_norm=qk_norm, sharded=True)  # over the token sequence
         self.cross = Attention(dim, heads, qk_norm=qk_norm) if cross_attention else None
         self.norm_cross = nn.LayerNorm(dim, eps=1e-6) if cross_attention else None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -97,7 +105,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, time6: Tensor, rope: tuple[Tensor, Tensor], text: Tensor | None = None,
                 text_mask: Tensor | None = None) -> Tensor:
-        """x: (B, N, D); time6: (B, 6, D) shared timestep modulation; text: (B, S, D)."""
+        """x: (B, N, D) (N / sequence_parallel tokens under SP, rope sliced alike); time6: (B, 6, D) shared
+        timestep modulation; text: (B, S, D), whole on every rank."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (time6 + self.modulation).unbind(dim=1)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope=rope)
         if self.cross is not None and text is not None:

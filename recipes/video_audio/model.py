@@ -17,7 +17,7 @@ from typing import ClassVar, NamedTuple
 from einops import rearrange
 from torch import Tensor, nn
 
-from framework.nn.attention import attention
+from framework.nn import sequence_parallel
 from framework.nn.checkpointing import CheckpointingMode, normalise_mode, run_block, should_checkpoint
 from framework.nn.dit import Attention, DiTBlock, FinalLayer, TimestepEmbedder, modulate, patchify, unpatchify
 from framework.nn.init import gathered_for_init, xavier_linears
@@ -101,7 +101,8 @@ class Tower(nn.Module):
         return c, self.time_proj(nn.functional.silu(c)).unflatten(1, (6, -1))
 
     def head(self, tokens: Tensor, c: Tensor, grid: tuple[int, int, int]) -> Tensor:
-        return unpatchify(self.final(tokens, c), grid, self.patch, self.channels)
+        """Under train.sequence_parallel the shards meet after `final`, so its weights see each token once."""
+        return unpatchify(sequence_parallel.gather(self.final(tokens, c), 1), grid, self.patch, self.channels)
 
 
 class CrossModalAttention(nn.Module):
@@ -124,7 +125,9 @@ class CrossModalAttention(nn.Module):
         k = a.k_norm(k)
         if x_rope is not None and other_rope is not None:
             q, k = apply_rope(q, *x_rope), apply_rope(k, *other_rope)
-        return a.out(rearrange(attention(q, k, v), "b h n d -> b n (h d)"))
+        # Under train.sequence_parallel both streams are shards: DeepSpeed's all-to-all gives each rank all of
+        # them for H/N heads, so every video token still attends to every audio token (and back).
+        return a.out(rearrange(sequence_parallel.sharded_attention(q, k, v), "b h n d -> b n (h d)"))
 
 
 def attend(block: DiTBlock, x: Tensor, s: Stream) -> Tensor:
@@ -216,6 +219,10 @@ class JointAVDiT(nn.Module):
             per_token_vt = vt.repeat_interleave(grid_v[1] * grid_v[2])
             cross_v = time_only_rope(per_token_vt, cfg.head_dim, cfg.rope_positions_per_second, cfg.rope_theta)
             cross_a = time_only_rope(at, cfg.head_dim, cfg.rope_positions_per_second, cfg.rope_theta)
+        # Under train.sequence_parallel each rank keeps 1/N of each tower's tokens; RoPE and the times in seconds
+        # are those of the full sequences, sliced alongside.
+        v, rope_v, cross_v = sequence_parallel.shard_tokens(v, rope_v, cross_v, what=f"the video latent grid {grid_v}")
+        a, rope_a, cross_a = sequence_parallel.shard_tokens(a, rope_a, cross_a, what=f"the audio latents ({grid_a[0]})")
         sv = Stream(time6_v, rope_v, cross_v, self.video.text_proj(text), text_mask)
         sa = Stream(time6_a, rope_a, cross_a, self.audio.text_proj(text), text_mask)
         gate = None if bridge is None else bridge.to(device=dev, dtype=v.dtype).view(-1, 1, 1)

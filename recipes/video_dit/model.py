@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from framework.config import ConfigError
+from framework.nn import sequence_parallel
 from framework.nn.checkpointing import CheckpointingMode, normalise_mode, run_block, should_checkpoint
 from framework.nn.dit import DiTBlock, FinalLayer, TimestepEmbedder, patchify, unpatchify
 from framework.nn.init import gathered_for_init, xavier_linears
@@ -130,12 +131,15 @@ class VideoDiT(nn.Module):
         time6 = self.time_proj(nn.functional.silu(c)).unflatten(1, (6, -1))
         context = self.text_proj(text)
         rope = self.rope(grid, x.device)
+        # Under train.sequence_parallel each rank keeps 1/N of the tokens, with the full grid's RoPE sliced alike.
+        tokens, rope = sequence_parallel.shard_tokens(tokens, rope, what=f"the latent grid {grid}")
         for i, block in enumerate(self.blocks):
             # Recompute blocks in backward: activations of long videos dwarf the weights otherwise.
             recompute = self.training and should_checkpoint(
                 self.cfg.activation_checkpointing, self.cfg.activation_checkpointing_every, i)
             tokens = run_block(block, tokens, time6, rope, context, text_mask, checkpoint=recompute)
-        return unpatchify(self.final(tokens, c), grid, self.patch, self.cfg.in_channels)
+        out = sequence_parallel.gather(self.final(tokens, c), 1)  # the full output on every rank of the group
+        return unpatchify(out, grid, self.patch, self.cfg.in_channels)
 
 
 def count_parameters(cfg: VideoDiTConfig) -> int:

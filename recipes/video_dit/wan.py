@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from framework.config import ConfigError
 from framework.export import diffusers_wan
 from framework.export.diffusers_wan import CONFIG_KEYS
+from framework.nn import sequence_parallel
 from framework.nn.attention import attention
 from framework.nn.checkpointing import CheckpointingMode, normalise_mode, run_block, should_checkpoint
 from framework.nn.dit import patchify, timestep_embedding, unpatchify
@@ -138,14 +139,16 @@ class WanAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """x: (B, N, D); context: (B, S, D) or None (self-attention); rope: cos, sin (N, head_dim / 2)."""
+        """x: (B, N, D); context: (B, S, D) or None (self-attention); rope: cos, sin (N, head_dim / 2). Under
+        train.sequence_parallel x is this rank's token shard: self-attention goes through DeepSpeed's all-to-all,
+        cross-attention reads the whole text."""
         source = x if context is None else context
         q = rearrange(self.norm_q(self.q(x)), "b n (h d) -> b h n d", h=self.heads)
         k = rearrange(self.norm_k(self.k(source)), "b n (h d) -> b h n d", h=self.heads)
         v = rearrange(self.v(source), "b n (h d) -> b h n d", h=self.heads)
         if rope is not None:
             q, k = apply_interleaved_rope(q, *rope), apply_interleaved_rope(k, *rope)
-        out = attention(q, k, v)
+        out = sequence_parallel.sharded_attention(q, k, v) if context is None else attention(q, k, v)
         return self.o(rearrange(out, "b h n d -> b n (h d)").to(q.dtype))
 
 
@@ -215,13 +218,16 @@ class WanDiT(nn.Module):
         time6 = self.time_proj(F.silu(temb)).unflatten(1, (6, -1))
         context = self.text_proj(text)
         rope = wan_rope(grid, self.cfg.attention_head_dim, x.device)
+        # Under train.sequence_parallel: 1/N of the tokens per rank, the full grid's 3-axis RoPE sliced alike.
+        tokens, rope = sequence_parallel.shard_tokens(tokens, rope, what=f"the latent grid {grid}")
         for i, block in enumerate(self.blocks):
             recompute = self.training and should_checkpoint(
                 self.cfg.activation_checkpointing, self.cfg.activation_checkpointing_every, i)
             tokens = run_block(block, tokens, time6, context, rope, checkpoint=recompute)
         shift, scale = (self.head_modulation + temb[:, None].float()).chunk(2, dim=1)
         tokens = (layer_norm32(tokens, None, self.cfg.eps) * (1 + scale) + shift).to(tokens.dtype)
-        return unpatchify(self.head(tokens), grid, tuple(self.cfg.patch_size), self.cfg.out_channels)
+        out = sequence_parallel.gather(self.head(tokens), 1)  # after the head: its weights see each token once
+        return unpatchify(out, grid, tuple(self.cfg.patch_size), self.cfg.out_channels)
 
     def _grid(self, x: Tensor) -> tuple[int, int, int]:
         """Token grid (t, h, w) of latents x (B, C, T, H, W), refusing shapes diffusers would crop or reject."""
