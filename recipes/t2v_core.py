@@ -32,15 +32,28 @@ class TextConditioned(nn.Module):
     Subclasses give `forward` their model's signature and call `drop_caption` on the caption first.
     """
 
-    def __init__(self, dit: nn.Module, text_encoder: nn.Module | None, text_dim: int):
+    def __init__(self, dit: nn.Module, text_encoder: nn.Module | None, text_dim: int, learned_null: bool = True):
+        """learned_null False: no null token (a frozen encoder's null caption is its states of "", which the recipe
+        supplies), so the module holds only weights that train."""
         super().__init__()
         self.dit = dit
         self.text_encoder = text_encoder
-        self.null_text = nn.Parameter(torch.zeros(1, 1, text_dim))
+        if learned_null:
+            self.null_text = nn.Parameter(torch.zeros(1, 1, text_dim))
+        else:
+            self.register_parameter("null_text", None)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the DiT computes in: its weights' (bf16 after the engine's cast, or a LoRA run's frozen base)."""
+        return next(self.dit.parameters()).dtype
 
     def null_caption(self, length: int) -> tuple[Tensor, Tensor]:
         """The unconditional caption (1, length, D) and its mask (1, length): the learned null token, then
         padding that the mask hides (so what the padding holds never matters)."""
+        if self.null_text is None:
+            raise ValueError("this model has no learned null caption (a frozen text encoder's is its states of \"\"): "
+                             "drop captions and guide with the recipe's null_condition")
         mask = torch.zeros(1, length, dtype=torch.bool, device=self.null_text.device)
         mask[:, 0] = True
         return self.null_text.expand(1, length, -1), mask

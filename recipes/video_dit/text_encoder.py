@@ -1,7 +1,19 @@
-"""Text encoders for the video DiT: a small trainable byte-level one, or a frozen T5/UMT5 from a local folder."""
+"""Text encoders for the video DiT: a small trainable byte-level one, or a frozen T5/UMT5 from a local folder.
+
+The frozen one embeds prompts exactly as diffusers' WanPipeline does (`_get_t5_prompt_embeds`): the prompt
+cleaned (ftfy when installed, HTML entities, whitespace), tokenized with EOS and padded to text.max_len, the
+encoder run under the attention mask, and the states past each prompt's tokens set to zero; the unconditional
+caption is the states of "" (WanPipeline's default negative prompt).
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import html
+import json
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -60,27 +72,152 @@ class ByteTextEncoder(nn.Module):
         return self.norm(h), mask
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "special_tokens_map.json",
+                   "added_tokens.json")
+
+
+def tokenizer_folder(path: str | Path) -> Path:
+    """Where the encoder's tokenizer is: the folder itself, or, in a diffusers pipeline (`PIPE/text_encoder/`
+    beside `PIPE/tokenizer/`), the sibling `tokenizer/`."""
+    folder = Path(path)
+    if any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return folder
+    sibling = folder.parent / "tokenizer"
+    if sibling.is_dir():
+        return sibling
+    raise FileNotFoundError(f"text.encoder: no tokenizer in {folder} (tokenizer.json or spiece.model) nor in a "
+                            f"sibling {sibling} (a diffusers pipeline's layout)")
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The weight files transformers loads from an encoder folder: safetensors (sharded too), else .bin."""
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"text.encoder: no weight files (*.safetensors, pytorch_model*.bin) in {folder}")
+    return files
+
+
+def encoder_digest(path: str | Path) -> str:
+    """A frozen encoder's identity: sha256 of its config.json settings (without `_`-prefixed bookkeeping), its
+    tokenizer's files (the ids decide the states too) and its weights' bytes. Content, not names, sizes or
+    mtimes, so a copied folder keeps its identity and a retrained one never shares it."""
+    folder = Path(path)
+    config = json.loads((folder / "config.json").read_text())
+    h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True).encode())
+    tok = tokenizer_folder(folder)
+    for file in [tok / n for n in TOKENIZER_FILES if (tok / n).is_file()] + weight_files(folder):
+        h.update(file.name.encode())
+        with open(file, "rb") as f:
+            while block := f.read(1 << 24):  # 16 MiB blocks: UMT5-XXL's weights are over 10 GB
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+@functools.cache
+def _ftfy():
+    """ftfy if installed (diffusers uses it then), looked up once: a failed import searches sys.path each time."""
+    try:
+        import ftfy
+    except ImportError:
+        return None
+    return ftfy
+
+
+def clean_prompt(text: str) -> str:
+    """WanPipeline's prompt_clean: ftfy.fix_text when ftfy is installed, HTML entities unescaped twice,
+    whitespace runs collapsed and the ends stripped."""
+    ftfy = _ftfy()
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def zero_padding(states: Tensor, mask: Tensor) -> Tensor:
+    """States (B, S, D) with every position the mask (B, S) leaves out set to exactly zero (WanPipeline trims each
+    prompt to its tokens and pads it back with zeros)."""
+    return torch.where(mask.unsqueeze(-1), states, torch.zeros((), dtype=states.dtype, device=states.device))
+
+
 class HFTextEncoder(nn.Module):
     """A frozen T5 / UMT5 encoder and its tokenizer, loaded from a local folder (no hub access)."""
 
     def __init__(self, path: str, max_len: int = 128):
         super().__init__()
-        from transformers import AutoConfig, AutoTokenizer, T5EncoderModel, UMT5EncoderModel
+        from transformers import AutoTokenizer
 
-        if not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(f"model.text_encoder: no config.json in {path} (a local T5/UMT5 folder)")
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        cls = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel}.get(config.model_type)
-        if cls is None:
-            raise ValueError(f"model.text_encoder: {path} holds a '{config.model_type}' model; T5 or UMT5 expected")
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = cls.from_pretrained(path, local_files_only=True)
+        config = encoder_config(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path), local_files_only=True)
+        self.model = encoder_class(config).from_pretrained(path, local_files_only=True)
         self.max_len = max_len
         self.hidden_size = config.d_model
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:
-        tok = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+        """-> states (B, max_len, D), zero past each caption's tokens (EOS included), and mask (B, max_len)."""
+        tok = self.tokenizer([clean_prompt(c) for c in captions], padding="max_length", max_length=self.max_len,
+                             truncation=True, add_special_tokens=True, return_attention_mask=True,
+                             return_tensors="pt")
         device = next(self.model.parameters()).device
-        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device).bool()
-        return self.model(input_ids=ids, attention_mask=mask).last_hidden_state, mask
+        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+        states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return zero_padding(states, mask.bool()), mask.bool()
+
+
+def encoder_config(path: str):
+    """The folder's transformers config, refused unless it is a T5 or UMT5 model (read without the weights)."""
+    from transformers import AutoConfig
+
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"text.encoder: no config.json in {path} (a local T5/UMT5 folder)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    encoder_class(config, path)
+    return config
+
+
+def encoder_class(config, path: str = ""):
+    from transformers import T5EncoderModel, UMT5EncoderModel
+
+    cls = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel}.get(config.model_type)
+    if cls is None:
+        raise ValueError(f"text.encoder: {path} holds a '{config.model_type}' model; T5 or UMT5 expected")
+    return cls
+
+
+class FrozenTextEncoder(nn.Module):
+    """The frozen-encoder helper, built on first use: a run whose captions all come embedded from the cache
+    never loads the encoder (for UMT5-XXL, 11 GB of weights); evaluation and sampling with new prompts load it
+    when they first encode. The device and dtype the trainer moves helpers to are kept by an empty buffer and
+    given to the encoder when it is built."""
+
+    def __init__(self, path: str, max_len: int):
+        super().__init__()
+        self.path, self.max_len = path, max_len
+        self.hidden_size = encoder_config(path).d_model
+        tokenizer_folder(path)  # a missing tokenizer is named now, not at the first evaluation
+        self.register_buffer("placement", torch.zeros(0), persistent=False)
+        self.encoder: HFTextEncoder | None = None
+        self._null: tuple[Tensor, Tensor] | None = None
+
+    def _apply(self, fn, recurse=True):
+        self._null = None  # moved or cast: recompute the null caption where the encoder now is
+        return super()._apply(fn, recurse)
+
+    def load(self) -> HFTextEncoder:
+        if self.encoder is None:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"text encoder: loading {self.path} (captions to embed that no cache holds)", flush=True)
+            encoder = HFTextEncoder(self.path, self.max_len)
+            encoder.requires_grad_(False).eval()
+            self.encoder = encoder.to(device=self.placement.device, dtype=self.placement.dtype)
+        return self.encoder
+
+    def forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        return self.load()(captions)
+
+    def null(self) -> tuple[Tensor, Tensor]:
+        """The unconditional caption (1, max_len, D) and mask (1, max_len): the states of "" (EOS, then zeros)."""
+        if self._null is None:
+            self._null = self([""])
+        return self._null
