@@ -363,18 +363,21 @@ def _check_ranges(cfg: RunConfig) -> None:
     _at_least("eval.batches", cfg.eval.batches, 1)
     _at_least("eval.samples", cfg.eval.samples, 0)
     _at_least("eval.micro_batch", cfg.eval.micro_batch, 0, " (0 uses train.micro_batch)")
-    _check_lora(cfg.lora)
+    _check_lora(cfg.lora, cfg.recipe)
 
 
-def _check_lora(lora: LoraConfig) -> None:
+def _check_lora(lora: LoraConfig, recipe: str = "") -> None:
     """Ranges peft would accept silently or fail on late (alpha 0 trains nothing; dropout 1 drops every input)."""
     _at_least("lora.rank", lora.rank, 0, " (0 disables LoRA)")
     if not math.isfinite(lora.alpha) or lora.alpha <= 0:
         raise ConfigError(f"lora.alpha must be positive, got {lora.alpha}")
     _in_range("lora.dropout", lora.dropout, 0, 1, high_open=True)
     if lora.rank > 0 and not [t for t in lora.targets if t.strip()]:
-        raise ConfigError("lora.targets must name at least one module pattern when lora.rank > 0, "
-                          "e.g. lora.targets=[wq,wk,wv,wo]")
+        from framework.lora import has_default_targets  # lazily: framework.lora imports this module
+
+        if not has_default_targets(recipe):  # the transformer recipes adapt their blocks by default
+            raise ConfigError("lora.targets must name at least one module pattern when lora.rank > 0, "
+                              "e.g. lora.targets=[wq,wk,wv,wo]")
 
 
 # ---------------------------------------------------------------------------------------------

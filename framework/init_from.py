@@ -7,18 +7,24 @@ The weights go into the freshly built model before DeepSpeed wraps it, so the op
 starts from them (under bf16 from their bf16 rounding, as for any bf16 engine). Under ZeRO-3 the model is
 already partitioned: rank 0 alone reads the file and each parameter is gathered, overwritten on rank 0 and
 re-partitioned (`GatheredParameters(modifier_rank=0)`), so no rank ever holds two full copies.
+
+A LoRA run (or one of its checkpoints) as the source: a run without LoRA starts from the merged weights
+(base + alpha/rank B A, what the source computes); a run whose `lora` section equals the source's (targets
+compared after the recipe's defaults) starts from the same base and the same adapters, injected before loading;
+any other LoRA run is a ConfigError naming the differing `lora.*` keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from framework import checkpoint
+from framework import checkpoint, lora
 from framework import distributed as dist
-from framework.config import ConfigError, RunConfig, to_dict
+from framework.config import ConfigError, LoraConfig, RunConfig, from_dict, to_dict
 from framework.nn.checkpointing import drop_checkpointing_keys
 
 
@@ -54,8 +60,44 @@ def read_ours(path: str, cfg: RunConfig, ignore: tuple[str, ...] = ()) -> dict[s
     if recipe != cfg.recipe:
         raise ConfigError(f"train.init_from: {source} holds a {recipe or 'non-framework'} model, not one of recipe "
                           f"'{cfg.recipe}'")
-    check_model_config(to_dict(cfg).get("model") or {}, model or {}, source, ignore)
-    return state if export else safetensors_io.consolidated_state_dict(ckpt)
+    # `causal` (the LLaDA recipe's AR twin) shapes no weight: an AR run starts a masked diffusion model (the
+    # DiffuLLaMA / Dream adaptation) and a masked run may start an AR twin.
+    check_model_config(to_dict(cfg).get("model") or {}, model or {}, source, (*ignore, "causal"))
+    if export:
+        return state
+    state = safetensors_io.consolidated_state_dict(ckpt)
+    found = meta["config"].get("lora") or {}
+    return _from_lora_run(state, cfg, found, source) if found.get("rank", 0) > 0 else state
+
+
+def lora_section(path: str) -> dict | None:
+    """The `lora` section of the run or checkpoint at `path` when it trained adapters; None for anything else
+    (read_ours reports what is wrong with a path that is no source at all)."""
+    try:
+        found = checkpoint.read_meta(checkpoint.resolve(str(path), ""))["config"].get("lora") or {}
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    return found if found.get("rank", 0) > 0 else None
+
+
+def _from_lora_run(state: dict[str, torch.Tensor], cfg: RunConfig, found: dict, source) -> dict[str, torch.Tensor]:
+    """A LoRA run's weights for this run: merged when it has no LoRA, as they are when its lora section is the
+    source's (the model already holds the adapters: `load` injects them)."""
+    if cfg.lora.rank == 0:
+        return lora.merge(*lora.split_state(state), from_dict(LoraConfig, found))
+    _check_same_lora(cfg, found, source)
+    return state
+
+
+def _check_same_lora(cfg: RunConfig, found: dict, source) -> None:
+    """ConfigError naming every `lora.*` key that differs (targets after each side's defaults)."""
+    theirs_cfg = dataclasses.replace(cfg, lora=from_dict(LoraConfig, found))
+    ours = {**to_dict(cfg.lora), "targets": lora.targets(cfg)}
+    theirs = {**to_dict(theirs_cfg.lora), "targets": lora.targets(theirs_cfg)}
+    diffs = [f"lora.{k}: {ours[k]} in the run config but {theirs[k]} in {source}" for k in ours if ours[k] != theirs[k]]
+    if diffs:
+        raise ConfigError("train.init_from: a LoRA run continues only with the same lora section (or none, which "
+                          "starts from its merged weights): " + "; ".join(diffs))
 
 
 def load(recipe: Any, cfg: RunConfig, model: torch.nn.Module) -> str:
@@ -63,6 +105,10 @@ def load(recipe: Any, cfg: RunConfig, model: torch.nn.Module) -> str:
     built `model`. A failure on any rank is raised on every rank (as ConfigError, so the launcher exits 2).
     Returns a line for the log."""
     path, zero3 = cfg.train.init_from, cfg.train.zero_stage == 3
+    found = lora_section(path) if cfg.lora.rank > 0 else None
+    if found is not None:  # the same adapters continue: inject them now (every rank) so their weights load
+        _check_same_lora(cfg, found, path)
+        lora.apply(model, cfg)
     state, error = None, None
     if not zero3 or dist.is_main():
         try:
@@ -87,6 +133,8 @@ def load(recipe: Any, cfg: RunConfig, model: torch.nn.Module) -> str:
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 if dist.is_main():
                     param.data.copy_(state[name])
+            # LoRA adapters are not partitioned yet, so only rank 0 copied them; DeepSpeed broadcasts rank 0's
+            # values when it partitions them in `initialize` (tested: tests/dist/test_video_lora_dist.py).
     else:
         model.load_state_dict(state, strict=True)
     if state is None:

@@ -23,6 +23,32 @@ from framework.config import ConfigError, LoraConfig, RunConfig
 ADAPTER = "default"  # peft's adapter name inside the module tree
 # How a recipe's `--format hf` model names our modules (LLaDA's transformers classes hold ours as `.model`).
 HF_PREFIX = {"llada": "model."}
+# `lora.targets` when the section names none, per recipe or "recipe/model.arch": attention q/k/v/out and the FFN
+# Linears of the transformer blocks (the joint model's cross-modal attention too). Never a trainable text encoder,
+# embeddings or heads: name those to adapt them. The VAE recipes have no default (their layers are convolutions).
+DEFAULT_TARGETS = {
+    "llada": ["blocks.*.attn.w?", "blocks.*.ffn.w?"],
+    "video_dit/dit": ["dit.blocks.*.attn.*", "dit.blocks.*.cross.*", "dit.blocks.*.mlp.*"],
+    "video_dit/wan": ["dit.blocks.*.self_attn.[qkvo]", "dit.blocks.*.cross_attn.[qkvo]", "dit.blocks.*.ffn.[02]"],
+    "video_audio": ["dit.blocks.*.attn.*", "dit.blocks.*.cross.*", "dit.blocks.*.mlp.*"],
+}
+
+
+def has_default_targets(recipe: str) -> bool:
+    return any(key == recipe or key.startswith(recipe + "/") for key in DEFAULT_TARGETS)
+
+
+def targets(cfg: RunConfig) -> list[str]:
+    """The run's target patterns: `lora.targets`, or the recipe's (and architecture's) default when empty."""
+    named = [t.strip() for t in cfg.lora.targets if t.strip()]
+    if named:
+        return named
+    arch = getattr(getattr(cfg, "model", None), "arch", None)
+    found = DEFAULT_TARGETS.get(f"{cfg.recipe}/{arch}", DEFAULT_TARGETS.get(cfg.recipe))
+    if found is None:
+        raise ConfigError(f"lora.targets: recipe '{cfg.recipe}' has no default targets; name the Linear modules "
+                          "to adapt, e.g. lora.targets=[wq,wk,wv,wo]")
+    return list(found)
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -62,16 +88,23 @@ def peft_config(lora: LoraConfig, targets: list[str]):
 def apply(model: torch.nn.Module, cfg: RunConfig, cast_frozen: bool = True) -> str:
     """Inject the adapters, freeze everything else (bf16 under train.precision=bf16 unless not `cast_frozen`:
     loading a run for sampling keeps one dtype); a line for the log.
+    An empty `lora.targets` takes the recipe's default patterns and is written back into `cfg`, so the run's
+    config.yaml and checkpoints name what was adapted. A model that already holds the adapters (train.init_from
+    of a LoRA run injects them to load their weights) is left as it is.
     Deterministic on every rank (same model, same RNG), so under ZeRO-3 every rank injects the same layers
     and DeepSpeed partitions the new adapter parameters when it wraps the model."""
     if cfg.lora.rank == 0:
         return ""
-    from peft import inject_adapter_in_model
+    cfg.lora.targets = targets(cfg)
+    adapted = adapted_modules(model)
+    if not adapted:
+        from peft import inject_adapter_in_model
 
-    targets = resolve_targets(model, cfg.lora.targets)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    inject_adapter_in_model(peft_config(cfg.lora, targets), model, adapter_name=ADAPTER)
+        chosen = resolve_targets(model, cfg.lora.targets)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        inject_adapter_in_model(peft_config(cfg.lora, chosen), model, adapter_name=ADAPTER)
+        adapted = adapted_modules(model)
     frozen_dtype = torch.bfloat16 if cfg.train.precision == "bf16" and cast_frozen else None
     for name, p in model.named_parameters():
         trainable = ".lora_" in name
@@ -81,8 +114,14 @@ def apply(model: torch.nn.Module, cfg: RunConfig, cast_frozen: bool = True) -> s
         if frozen_dtype is not None and not trainable and not hasattr(p, "ds_id"):
             p.data = p.data.to(frozen_dtype)
     counts = count(model)
-    return (f"LoRA rank {cfg.lora.rank} (alpha {cfg.lora.alpha:g}) on {len(targets)} Linear layers: "
+    return (f"LoRA rank {cfg.lora.rank} (alpha {cfg.lora.alpha:g}) on {len(adapted)} Linear layers: "
             f"{counts['trainable'] / 1e6:.3f}M trainable, {counts['frozen'] / 1e6:.2f}M frozen parameters")
+
+
+def adapted_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the modules that hold our adapter (peft's `X.lora_A.default`)."""
+    tag = f".lora_A.{ADAPTER}"
+    return [name[: -len(tag)] for name, _ in model.named_modules() if name.endswith(tag)]
 
 
 def count(model: torch.nn.Module) -> dict[str, int]:

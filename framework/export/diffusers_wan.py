@@ -206,3 +206,42 @@ def write(state: dict[str, torch.Tensor], config: dict, out_dir: str | Path, sou
     total = sum(v.numel() * v.element_size() for v in weights.values())
     (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     return written + [str(out / INDEX)]
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA: diffusers' Wan layout (`WanPipeline.load_lora_weights`, `WanTransformer3DModel.load_lora_adapter`)
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE, the name its loaders pick
+
+
+def lora_to_diffusers(adapters: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float,
+                      prefix: str = "") -> dict[str, torch.Tensor]:
+    """{our module: (A, B)} -> `transformer.<diffusers module>.lora_{A,B}.weight`, with `scale` (alpha / rank)
+    folded into B in fp32.
+
+    Why fold: WanLoraLoaderMixin passes no network alphas, so without adapter metadata in the file diffusers
+    builds its LoraConfig with lora_alpha = rank (scale 1). Folding gives the same W + scale * B A in every
+    loader that reads this layout (diffusers of any version, and tools that know nothing of metadata).
+    `prefix` ("dit.") is stripped; adapters elsewhere (a text encoder) or on the patch embedding (a Conv3d in
+    diffusers) have no place in this layout: ValueError naming them."""
+    out, outside = {}, []
+    for module, (a, b) in sorted(adapters.items()):
+        name = _rename(module[len(prefix):], _TOP, _BLOCK) if module.startswith(prefix) else None
+        if name is None:  # every Linear the rename tables know is a Linear in diffusers too
+            outside.append(module)
+            continue
+        out[f"transformer.{name}.lora_A.weight"] = a.float().contiguous()
+        out[f"transformer.{name}.lora_B.weight"] = (b.float() * scale).contiguous()
+    if outside:
+        raise ValueError(f"LoRA adapters with no place in diffusers' WanTransformer3DModel LoRA layout: "
+                         f"{', '.join(outside[:5])}; export them with --merge (merged weights) or --format peft")
+    return out
+
+
+def save_lora(weights: dict[str, torch.Tensor], out_dir: str | Path, dtype: torch.dtype = torch.float32) -> str:
+    """`lora_to_diffusers`' tensors as `pytorch_lora_weights.safetensors` in `out_dir` (beside the base
+    transformer folder, where `load_lora_adapter(out_dir)` and `load_lora_weights(out_dir)` find it)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(dtype) for k, v in weights.items()}, out / LORA_WEIGHTS, metadata={"format": "pt"})
+    return str(out / LORA_WEIGHTS)
