@@ -110,7 +110,8 @@ class AudioVAE(nn.Module):
         """mel (B, n_mels, T), T a multiple of time_down -> mean, logvar (B, latent, T / time_down)."""
         if mel.shape[-1] % self.cfg.time_down:
             raise ValueError(f"{mel.shape[-1]} mel frames: need a multiple of {self.cfg.time_down}")
-        h = self.enc_in((mel.float() - self.cfg.mel_shift) / self.cfg.mel_scale)
+        # Normalise in fp32, then compute in the weights' dtype (bf16 when a bf16 run casts the frozen helper).
+        h = self.enc_in(((mel.float() - self.cfg.mel_shift) / self.cfg.mel_scale).to(self.enc_in.weight.dtype))
         for layer in self.enc:
             h = layer(h)
         mean, logvar = self.enc_out(F.silu(self.enc_norm(h))).chunk(2, dim=1)
@@ -118,7 +119,7 @@ class AudioVAE(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """z (B, latent, t) -> log-mel (B, n_mels, t * time_down)."""
-        h = self.dec_in(z)
+        h = self.dec_in(z.to(self.dec_in.weight.dtype))
         for layer in self.dec:
             h = layer(h)
         return self.dec_out(F.silu(self.dec_norm(h))) * self.cfg.mel_scale + self.cfg.mel_shift

@@ -103,7 +103,8 @@ class TextToVideoAudio(TextConditioned):
     def forward(self, video: Tensor, audio: Tensor, t_video: Tensor, t_audio: Tensor, text: Tensor,
                 text_mask: Tensor, bridge: Tensor | None = None, keep_text: Tensor | None = None) -> tuple[Tensor, Tensor]:
         text, text_mask = self.drop_caption(text, text_mask, keep_text)
-        return self.dit(video, audio, t_video, t_audio, text, text_mask, bridge=bridge)
+        dtype = self.compute_dtype  # fp32 latents from the frozen VAEs into a bf16 (or LoRA bf16-base) DiT
+        return self.dit(video.to(dtype), audio.to(dtype), t_video, t_audio, text.to(dtype), text_mask, bridge=bridge)
 
 
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -5,6 +5,7 @@ mode, and clear errors for VAEs that do not fit the config."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,19 @@ def test_av_sync_benchmark_compares_the_shared_band_with_its_ablation(flash_beep
                               "--ablation", str(tmp_path / "shared")], cwd=ROOT, env=env(), capture_output=True,
                              text=True, timeout=300)
     assert swapped.returncode != 0 and "shared_time_rope" in swapped.stderr
+
+
+def test_bf16_lora_run_trains_only_the_adapters(flash_beep, vaes, tmp_path):
+    """A bf16 joint run casts the frozen VAEs to bf16 (the audio VAE used to get fp32 mels and stop), and LoRA
+    adapts both towers and the cross-modal attention by default."""
+    from framework.export import safetensors_io
+
+    run_dir = tmp_path / "lora"
+    cli("launch/train.py", *joint_args(flash_beep, vaes, run_dir, "train.precision=bf16", "train.steps=2",
+                                       "train.global_batch=2", "lora.rank=4", "lora.alpha=4"))
+    assert len(losses(run_dir)) == 2 and all(math.isfinite(v) for v in losses(run_dir).values())
+    from framework import checkpoint
+
+    state = safetensors_io.consolidated_state_dict(checkpoint.resolve(str(run_dir), ""))
+    adapters = [k for k in state if ".lora_" in k]
+    assert adapters and any("audio" in k for k in adapters) and any("cross" in k for k in adapters), adapters[:10]
