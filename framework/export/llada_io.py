@@ -7,7 +7,8 @@ A folder holds `config.json` (`model_type: llada`: `d_model`, `n_layers`, `n_hea
 (tokenizer, generation config, the modeling code loaded with trust_remote_code).
 
 The architecture is a Llama block with bidirectional attention, i.e. our LladaModel: import and export are a
-key rename (no permutation; both use rotate-half RoPE) plus a config mapping. What does not map (biases,
+key rename (no permutation; both use rotate-half RoPE) plus a config mapping; `include_qkv_bias` is our
+`qkv_bias` (an adapted Qwen2 exports with it). What does not map (other biases,
 ALiBi, a LayerNorm, qk-norm across the full width, fused q/k/v) is refused with the config key named.
 Reading needs no transformers import.
 """
@@ -33,12 +34,14 @@ PREFIX = "model.transformer."
 BLOCK_KEYS = {"attn_norm.weight": "attn_norm.weight", "attn.wq.weight": "q_proj.weight",
               "attn.wk.weight": "k_proj.weight", "attn.wv.weight": "v_proj.weight",
               "attn.wo.weight": "attn_out.weight", "ffn_norm.weight": "ff_norm.weight",
-              "ffn.w1.weight": "ff_proj.weight", "ffn.w3.weight": "up_proj.weight", "ffn.w2.weight": "ff_out.weight"}
+              "ffn.w1.weight": "ff_proj.weight", "ffn.w3.weight": "up_proj.weight", "ffn.w2.weight": "ff_out.weight",
+              # include_qkv_bias (our qkv_bias, e.g. an adapted Qwen2)
+              "attn.wq.bias": "q_proj.bias", "attn.wk.bias": "k_proj.bias", "attn.wv.bias": "v_proj.bias"}
 TOP_KEYS = {"embed.weight": "wte.weight", "norm.weight": "ln_f.weight", "lm_head.weight": "ff_out.weight"}
 
 # config.json values a Llama block with bidirectional attention and our norms must have (key: accepted values)
 REQUIRED = {"block_type": ("llama",), "layer_norm_type": ("rms",), "activation_type": ("silu",),
-            "include_bias": (False,), "include_qkv_bias": (False,), "bias_for_layer_norm": (False, None),
+            "include_bias": (False,), "bias_for_layer_norm": (False, None),
             "alibi": (False,), "rope": (True,), "attention_layer_norm": (False,), "input_emb_norm": (False,),
             "scale_logits": (False,), "clip_qkv": (None,), "multi_query_attention": (None, False),
             "layer_norm_with_affine": (True,)}
@@ -112,8 +115,8 @@ def model_fields(raw: dict, source: str | Path = "config.json") -> dict:
     return {"vocab_size": raw.get("embedding_size") or raw["vocab_size"], "dim": d, "n_layers": raw["n_layers"],
             "n_heads": raw["n_heads"], "n_kv_heads": raw.get("n_kv_heads") or raw["n_heads"], "ffn_hidden": hidden,
             "rope_theta": float(raw.get("rope_theta", 10000.0)), "norm_eps": float(raw.get("rms_norm_eps", 1e-5)),
-            "qk_norm": False, "tie_embeddings": bool(raw.get("weight_tying", False)),
-            "mask_id": raw["mask_token_id"]}
+            "qk_norm": False, "qkv_bias": bool(raw.get("include_qkv_bias", False)),
+            "tie_embeddings": bool(raw.get("weight_tying", False)), "mask_id": raw["mask_token_id"]}
 
 
 def llada_config(cfg: LladaModelConfig, base: dict | None = None) -> dict:
@@ -127,6 +130,8 @@ def llada_config(cfg: LladaModelConfig, base: dict | None = None) -> dict:
     out.update({"d_model": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.kv_heads,
                 "mlp_hidden_size": cfg.ffn_hidden, "embedding_size": cfg.vocab_size, "rope_theta": cfg.rope_theta,
                 "rms_norm_eps": cfg.norm_eps, "mask_token_id": cfg.mask_id, "weight_tying": cfg.tie_embeddings})
+    if cfg.qkv_bias or "include_qkv_bias" in out:  # a source config without the key keeps its exact field set
+        out["include_qkv_bias"] = cfg.qkv_bias
     return out
 
 
