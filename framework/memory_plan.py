@@ -218,8 +218,14 @@ class Setting:
 
     @property
     def dp(self) -> int:
-        """ZeRO shards over the data-parallel group: world / sequence-parallel degree."""
+        """Data-parallel replicas: world / sequence-parallel degree."""
         return max(self.gpus // max(self.sp, 1), 1)
+
+    @property
+    def zero_shards(self) -> int:
+        """Ranks ZeRO partitions over: every rank holding the same parameters, i.e. the whole world under
+        sequence parallelism too (DeepSpeed's engine hands ZeRO its seq_data_parallel_group, dp x sp ranks)."""
+        return max(self.gpus, 1)
 
 
 @dataclass(frozen=True)
@@ -227,14 +233,15 @@ class Estimate:
     setting: Setting
     states: ModelStates
     activations: int
+    helpers: int = 0  # frozen helpers (VAE, text encoder) held whole on every rank, outside ZeRO
 
     @property
     def overhead(self) -> int:
-        return CUDA_CONTEXT_BYTES + int(FRAGMENTATION * (self.states.gpu + self.activations))
+        return CUDA_CONTEXT_BYTES + int(FRAGMENTATION * (self.states.gpu + self.activations + self.helpers))
 
     @property
     def total(self) -> int:
-        return self.states.gpu + self.activations + self.overhead
+        return self.states.gpu + self.activations + self.helpers + self.overhead
 
     def fits(self, gpu_memory: int) -> bool:
         return self.total <= gpu_memory
@@ -245,11 +252,11 @@ Measure = Callable[[int], SavedProfile]
 
 
 def estimate(setting: Setting, params: int, largest_layer: int, n_blocks: int, measure: Measure,
-             frozen: int = 0) -> Estimate:
-    states = model_state_bytes(params, largest_layer, setting.zero_stage, setting.dp, setting.precision,
+             frozen: int = 0, helpers: int = 0) -> Estimate:
+    states = model_state_bytes(params, largest_layer, setting.zero_stage, setting.zero_shards, setting.precision,
                                setting.offload, frozen)
     ckpt = checkpointed_blocks(setting.checkpointing, n_blocks, setting.every_k) if n_blocks else set()
-    return Estimate(setting, states, activation_bytes(measure(setting.micro_batch), ckpt, setting.sp))
+    return Estimate(setting, states, activation_bytes(measure(setting.micro_batch), ckpt, setting.sp), helpers)
 
 
 _LADDER: list[tuple[str, str, Callable[[Setting], Setting | None]]] = [
@@ -290,10 +297,11 @@ def _candidates(s: Setting, can_checkpoint: bool, max_gpus: int) -> list[tuple[s
 
 
 def cheapest_fit(setting: Setting, params: int, largest_layer: int, n_blocks: int, measure: Measure,
-                 gpu_memory: int, max_gpus: int = 4096, frozen: int = 0) -> tuple[str, Estimate] | None:
+                 gpu_memory: int, max_gpus: int = 4096, frozen: int = 0,
+                 helpers: int = 0) -> tuple[str, Estimate] | None:
     """The first candidate (cheapest first) whose estimate fits, with its estimate; None if none does."""
     for name, candidate in _candidates(setting, n_blocks > 0, max_gpus):
-        est = estimate(candidate, params, largest_layer, n_blocks, measure, frozen)
+        est = estimate(candidate, params, largest_layer, n_blocks, measure, frozen, helpers)
         if est.fits(gpu_memory):
             return name, est
     return None

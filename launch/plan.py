@@ -2,7 +2,8 @@
 
 Per rank: weights, gradients and optimizer state for the preset's ZeRO stage and offload, and the activations of
 each bucket (video: each data.buckets entry "HxWxF:B"; text: data.seq_len x train.micro_batch) measured by one
-forward on the `meta` device (nothing allocated, so 8B / 14B presets plan on a laptop); the total against the
+forward on the `meta` device (nothing allocated, so 8B / 14B presets plan on a laptop); the frozen helpers (text
+encoder, VAE) whose folders exist, counted from their configs; the total against the
 GPU's memory, the largest bucket that fits, and for the others the cheapest change that makes them fit.
 The arithmetic is framework/memory_plan.py; this file only builds each recipe's model and inputs.
 """
@@ -13,7 +14,9 @@ import argparse
 import copy
 import dataclasses
 import functools
+import math
 import sys
+from pathlib import Path
 
 import _bootstrap  # noqa: F401
 import torch
@@ -172,6 +175,60 @@ def profile_model(recipe, cfg) -> ModelProfile:
     return ModelProfile(params, largest, frozen, len(blocks), measure)
 
 
+# ---- frozen helpers: counted from their folders' configs, built on meta ---------------------------------------
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def text_encoder_params(path: str) -> int:
+    """A T5 / UMT5 encoder folder's parameters, from its config.json alone."""
+    from transformers import AutoConfig, T5EncoderModel, UMT5EncoderModel
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        return _count((UMT5EncoderModel if config.model_type == "umt5" else T5EncoderModel)(config))
+
+
+def vae_params(path: str) -> int | None:
+    """A diffusers AutoencoderKLWan folder's parameters (config.json alone), or an export's (its tensor shapes);
+    None where neither is there yet."""
+    from recipes.video_dit.vae_ref import is_wan_folder
+
+    if is_wan_folder(path):
+        from diffusers import AutoencoderKLWan
+
+        with torch.device("meta"):
+            return _count(AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(path)))
+    weights = Path(path) / "model.safetensors"
+    if not path or not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def frozen_helpers(cfg) -> tuple[list[tuple[str, int]], list[str]]:
+    """([(key, parameters)] of the frozen helpers whose folders exist, [keys of those not there yet]): every rank
+    holds them whole, in the compute dtype, once it encodes (online latents, captions, evaluation prompts)."""
+    counted, missing = [], []
+    text = getattr(getattr(cfg, "text", None), "encoder", None)
+    if text is not None and text != "bytes":
+        if text and (Path(text) / "config.json").is_file():
+            counted.append(("text.encoder", text_encoder_params(text)))
+        else:
+            missing.append("text.encoder")
+    for key in ("vae", "audio_vae"):
+        path = getattr(getattr(cfg, key, None), "path", None)
+        if path is not None:
+            n = vae_params(path)
+            if n is None:
+                missing.append(f"{key}.path")
+            else:
+                counted.append((f"{key}.path", n))
+    return counted, missing
+
+
 # ---- the report ---------------------------------------------------------------------------------------------
 def gib(n: float) -> str:
     return f"{n / GIB:8.2f}"
@@ -179,37 +236,46 @@ def gib(n: float) -> str:
 
 def plan(preset: str, overrides: list[str], gpus: int, gpu_memory: float | None) -> list[str]:
     """The plan's printable lines (also what the tests read)."""
-    cfg, recipe = load_run_config(preset, overrides, 1)  # the batch split is not the planner's business
+    cfg, recipe = load_run_config(preset, overrides, world_to_check(preset, overrides, gpus))
     capacity = int((gpu_memory if gpu_memory is not None else default_gpu_memory()) * GIB)
     prof = profile_model(recipe, cfg)
     t = cfg.train
     base = mp.Setting(gpus=gpus, zero_stage=t.zero_stage, offload=t.offload_optimizer,
                       checkpointing=checkpointing_mode(cfg), every_k=checkpointing_every(cfg),
                       sp=sequence_parallel(cfg), precision=t.precision)
+    counted, missing = frozen_helpers(cfg)
+    helper_bytes = sum(n for _, n in counted) * (2 if t.precision == "bf16" else 4)
     frozen = f" + {prof.frozen:,} frozen" if prof.frozen else ""
     lines = [f"{preset}: recipe {recipe.name}, {prof.params:,} trainable{frozen} parameters (largest layer "
              f"{prof.largest_layer:,}), {prof.n_blocks} blocks; {gpus} GPU(s) of {capacity / GIB:.1f} GiB, "
              f"ZeRO {base.zero_stage}{' + optimizer offload' if base.offload else ''}, {t.precision}, "
              f"activation checkpointing {base.checkpointing}, sequence parallel {base.sp} (data parallel {base.dp})",
              "per rank, GiB:",
-             f"{'bucket':<24}{'weights':>9}{'grads':>9}{'optim':>9}{'gather':>9}{'activ':>9}{'overhd':>9}"
-             f"{'total':>9}  verdict"]
+             f"{'bucket':<24}{'weights':>9}{'grads':>9}{'optim':>9}{'gather':>9}{'helpers':>9}{'activ':>9}"
+             f"{'overhd':>9}{'total':>9}  verdict"]
     results = []
     for i, (label, b) in enumerate(buckets(cfg, recipe)):
         setting = dataclasses.replace(base, micro_batch=b)
         measure = functools.partial(prof.measure_bucket, i)
-        est = mp.estimate(setting, prof.params, prof.largest_layer, prof.n_blocks, measure, prof.frozen)
+        est = mp.estimate(setting, prof.params, prof.largest_layer, prof.n_blocks, measure, prof.frozen,
+                          helper_bytes)
         s = est.states
         ok = est.fits(capacity)
         results.append((label, est, ok, setting, measure))
         lines.append(f"{label:<24}{gib(s.weights)}{gib(s.grads)}{gib(s.optimizer)}{gib(s.gathered)}"
-                     f"{gib(est.activations)}{gib(est.overhead)}{gib(est.total)}  "
+                     f"{gib(est.helpers)}{gib(est.activations)}{gib(est.overhead)}{gib(est.total)}  "
                      f"{'fits' if ok else 'does not fit'}")
     if any(r[1].states.cpu for r in results):
         lines.append(f"host memory per rank (offloaded optimizer + fp32 gradients): {results[0][1].states.cpu / GIB:.2f} GiB")
     lines.append(f"assumed overhead: {mp.CUDA_CONTEXT_BYTES / GIB:.0f} GiB CUDA context and workspaces + "
-                 f"{mp.FRAGMENTATION:.0%} of states and activations for fragmentation; frozen helpers (VAE, text "
-                 f"encoder) are not counted; activations = bytes saved for backward (flash-attention kernels)")
+                 f"{mp.FRAGMENTATION:.0%} of states, helpers and activations for fragmentation; activations = bytes "
+                 f"saved for backward (flash-attention kernels)")
+    if counted or missing:
+        lines.append("frozen helpers (whole on every rank, " + t.precision + "): "
+                     + ", ".join(f"{k} {n:,} parameters" for k, n in counted)
+                     + ("; " if counted and missing else "")
+                     + (f"not counted: {', '.join(missing)} (not there yet; a Wan preset's come with "
+                        f"train.init_from=PIPELINE)" if missing else ""))
     fitting = [r for r in results if r[2]]
     if fitting:
         largest = max(fitting, key=lambda r: r[1].activations)
@@ -220,10 +286,21 @@ def plan(preset: str, overrides: list[str], gpus: int, gpu_memory: float | None)
         if ok:
             continue
         found = mp.cheapest_fit(setting, prof.params, prof.largest_layer, prof.n_blocks, measure, capacity,
-                                frozen=prof.frozen)
+                                frozen=prof.frozen, helpers=helper_bytes)
         lines.append(f"{label}: fits with {found[0]} ({found[1].total / GIB:.2f} GiB)" if found
                      else f"{label}: no setting the planner tries makes it fit")
     return lines
+
+
+def world_to_check(preset: str, overrides: list[str], gpus: int) -> int:
+    """The world size the config is validated at: one sequence-parallel group when --gpus holds whole groups (the
+    batch split over data-parallel ranks is not the planner's business), else --gpus, which load_run_config then
+    refuses naming train.sequence_parallel."""
+    from framework.config import apply_overrides, read_preset
+
+    train = apply_overrides(read_preset(preset), overrides).get("train") or {}
+    sp = train.get("sequence_parallel", 1) if isinstance(train, dict) else 1
+    return sp if isinstance(sp, int) and sp >= 1 and gpus % sp == 0 else gpus  # else load_run_config names it
 
 
 def default_gpu_memory() -> float:

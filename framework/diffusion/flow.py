@@ -70,6 +70,28 @@ def resolution_shift(
     return math.exp(math.log(base_shift) + slope * (num_tokens - base_tokens))
 
 
+def uniform_t(batch: int, gen: torch.Generator) -> Tensor:
+    """t ~ U[0, 1): (B,) float32 on gen's device (DiffSynth's Wan training draws its timestep index uniformly)."""
+    return torch.rand(batch, generator=gen, device=gen.device)
+
+
+def train_sigmas(num_train_steps: int, shift: float) -> Tensor:
+    """The training grid (T,) float32 of diffusers' FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift):
+    shift_t(i / T) for i = T .. 1, descending from 1; bit for bit its `.sigmas` before set_timesteps."""
+    if num_train_steps < 1:
+        raise ValueError(f"num_train_steps must be >= 1, got {num_train_steps}")
+    # diffusers' float32 arithmetic, in its order: the grid is float32 before it is divided and shifted.
+    steps = torch.from_numpy(np.linspace(1, num_train_steps, num_train_steps, dtype=np.float32)[::-1].copy())
+    return shift_t(steps / num_train_steps, shift)
+
+
+def discrete_t(u: Tensor, sigmas: Tensor) -> Tensor:
+    """Training times on a scheduler's grid, as diffusers' flow training scripts pick them: index floor(u * T)
+    into the descending sigmas (T,), u (B,) in [0, 1) -> t (B,) float32 on u's device (u = 0 is pure noise)."""
+    idx = (u * len(sigmas)).long().clamp_(0, len(sigmas) - 1)
+    return sigmas.to(u.device)[idx]
+
+
 def flow_loss(
     model_fn: ModelFn, x0: Tensor, noise: Tensor, t: Tensor, cond: Mapping[str, Tensor] | None = None
 ) -> Tensor:

@@ -9,6 +9,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from framework.diffusion.flow import (
+    discrete_t,
     euler_sample,
     euler_step,
     flow_loss,
@@ -18,6 +19,8 @@ from framework.diffusion.flow import (
     logit_normal_t,
     resolution_shift,
     shift_t,
+    train_sigmas,
+    uniform_t,
     velocity_target,
 )
 
@@ -38,6 +41,23 @@ def test_flow_sigmas_equal_diffusers_scheduler(shift, steps):
     ref = FlowMatchEulerDiscreteScheduler(shift=shift)
     ref.set_timesteps(steps)
     assert torch.equal(flow_sigmas(steps, shift, num_train_steps=1000), ref.sigmas)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0, 0.7])
+@pytest.mark.parametrize("steps", [1000, 500, 7])
+def test_train_sigmas_equal_the_schedulers_training_grid(shift, steps):
+    ref = FlowMatchEulerDiscreteScheduler(shift=shift, num_train_timesteps=steps)
+    ours = train_sigmas(steps, shift)
+    assert torch.equal(ours, ref.sigmas) and torch.equal(ours * steps, ref.timesteps)
+
+
+def test_discrete_t_picks_the_scheduler_sigma_as_diffusers_training_scripts_do():
+    # train_dreambooth_sd3 / finetrainers: indices = (u * T).long(); sigmas = scheduler.sigmas[indices]
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0, num_train_timesteps=1000)
+    for u in (uniform_t(4096, gen(0)), logit_normal_t(4096, gen(1))):
+        assert torch.equal(discrete_t(u, train_sigmas(1000, 3.0)), ref.sigmas[(u * 1000).long()])
+    ends = discrete_t(torch.tensor([0.0, 0.9999999]), train_sigmas(1000, 3.0))  # u = 0 is pure noise
+    assert ends[0].item() == 1.0 and ends[1].item() == ref.sigmas[-1].item()
 
 
 def test_diffusers_grid_is_shifted_twice_at_its_low_end():
