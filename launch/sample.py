@@ -3,11 +3,15 @@
 Loads the consolidated weights (the EMA when the run kept one, unless --no-ema) into one process and
 runs the recipe's sampler: mp4 files and a PNG grid for video recipes, text for the language model.
 Any config key can be overridden, e.g. `sample.sampler=heun`.
+`--latents` (video_dit) writes OUT/latents.safetensors instead: the sampled latents of all prompts as one batch
+(B, C, T, h, w), normalised as the DiT sees them, from noise drawn with a generator seeded by --seed itself, as
+`WanPipeline(prompts, generator=torch.Generator().manual_seed(seed), output_type="latent")` returns them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", help="HEIGHTxWIDTHxFRAMES of the videos (video recipes)")
     parser.add_argument("--out", help="output folder (default RUN/samples/sample_step_N)")
     parser.add_argument("--no-ema", action="store_true", help="use the live weights even if an EMA exists")
+    parser.add_argument("--latents", action="store_true",
+                        help="video_dit: write the latents (as WanPipeline's output_type='latent') to "
+                             "OUT/latents.safetensors")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the run's config")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     dist.prepare_env()
@@ -47,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg, recipe = run.cfg, run.recipe
+    if args.latents and recipe.name != "video_dit":  # video_audio's latents are a pair, with no diffusers twin
+        print(f"error: --latents writes video_dit's latents; this run's recipe is '{recipe.name}'", file=sys.stderr)
+        return 2
     if args.prompt:
         cfg.eval.samples = len(args.prompt)
     device = dist.device()
@@ -55,10 +65,28 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or str(Path(cfg.run_dir) / "samples" / f"sample_{run.checkpoint.name}")
     print(f"sampling {run.checkpoint} ({'EMA' if run.ema else 'live'} weights) -> {out}", flush=True)
     with torch.no_grad():
-        lines = recipe.sample(cfg, model, helpers, 0, 1, run.meta["step"], out)
+        if args.latents:
+            lines = write_latents(cfg, recipe, model, helpers, args.prompt or cfg.sample.prompts[: cfg.eval.samples],
+                                  Path(out))
+        else:
+            lines = recipe.sample(cfg, model, helpers, 0, 1, run.meta["step"], out)
     for line in lines:
         print(line)
     return 0
+
+
+def write_latents(cfg, recipe, model, helpers: dict, prompts: list[str], out: Path) -> list[str]:
+    """One batch of prompts through the recipe's sampler, seeded by sample.seed unchanged (not per rank and
+    step as evaluation is), so a diffusers pipeline given the same seed draws the same initial noise."""
+    from safetensors.torch import save_file
+
+    z = recipe.sample_latents(cfg, model, helpers, prompts, cfg.sample.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"prompts": json.dumps(prompts), "seed": str(cfg.sample.seed), "steps": str(cfg.sample.steps),
+            "cfg_scale": str(cfg.sample.cfg_scale), "sampler": cfg.sample.sampler}
+    save_file({"latents": z.float().cpu().contiguous()}, str(out / "latents.safetensors"), metadata=meta)
+    return [f"{out / 'latents.safetensors'}: latents {tuple(z.shape)} of {len(prompts)} prompts, seed "
+            f"{cfg.sample.seed}"]
 
 
 if __name__ == "__main__":
