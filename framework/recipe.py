@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from framework.config import ConfigError, RunConfig, apply_overrides, check_common, from_dict, read_preset
+from framework.nn import sequence_parallel
 
 
 @dataclass
@@ -56,7 +57,9 @@ class Recipe:
         return {}
 
     def build_data(self, cfg: RunConfig, split: str, rank: int, world: int, batch_multiple: int = 1) -> Iterable:
-        """An iterable of batches (dicts of tensors) with state_dict()/load_state_dict()."""
+        """An iterable of batches (dicts of tensors) with state_dict()/load_state_dict(). Under
+        train.sequence_parallel=N, rank and world are the data-parallel ones (rank // N, world / N): the ranks of
+        a group get the same batches, and the loader's per-rank guarantees hold per group."""
         raise NotImplementedError
 
     def loss(self, cfg: RunConfig, model: Any, helpers: dict, batch: dict,
@@ -123,6 +126,37 @@ def load_run_config(preset: str | dict, overrides: list[str], world: int) -> tup
         raise ConfigError(f"the preset must name its recipe, e.g. 'recipe: llada' (known: {', '.join(RECIPES)})")
     recipe = get_recipe(str(tree["recipe"]))
     cfg = from_dict(recipe.config_class, tree)
-    check_common(cfg, world)
+    sp = cfg.train.sequence_parallel
+    # A single process (sampling, export, --describe, the planner) never splits sequences; a launch of several
+    # ranks must hold whole sequence-parallel groups (the trainer checks the world it really got).
+    sequence_parallel.check_world(world if world > 1 else sp, sp)
+    # Batches count data-parallel replicas: the N ranks of a sequence-parallel group share each sample.
+    try:
+        check_common(cfg, sequence_parallel.dp_world(world, sp) if world > 1 else 1)
+    except ConfigError as e:
+        if sp == 1:
+            raise
+        raise ConfigError(f"{e} (data-parallel size = world {world} / train.sequence_parallel {sp})") from None
+    check_sequence_parallel(cfg, sp)
     recipe.validate(cfg, world)
     return cfg, recipe
+
+
+def check_sequence_parallel(cfg: RunConfig, sp: int) -> None:
+    """What DeepSpeed's all-to-all needs, from the config alone: every attention's heads (and a GQA model's KV
+    heads) divisible by N, and a text row of data.seq_len tokens too. Video token counts depend on the
+    bucket and the VAE; the model refuses an indivisible grid with the same ConfigError at its first forward."""
+    if sp <= 1:
+        return
+    model = getattr(cfg, "model", None)
+    wan = getattr(model, "wan", None) if getattr(model, "arch", "") == "wan" else None
+    if wan is not None:
+        sequence_parallel.check_heads(wan.num_attention_heads, sp, "model.wan.num_attention_heads")
+    else:
+        for key in ("heads", "n_heads", "n_kv_heads"):
+            value = getattr(model, key, None)
+            if isinstance(value, int) and value > 0:
+                sequence_parallel.check_heads(value, sp, f"model.{key}")
+    seq_len = getattr(getattr(cfg, "data", None), "seq_len", None)
+    if isinstance(seq_len, int) and seq_len > 0:
+        sequence_parallel.check_divisible(seq_len, sp, "a row of data.seq_len")
