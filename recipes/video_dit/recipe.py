@@ -20,6 +20,7 @@ from framework.diffusion import flow, gaussian
 from framework.diffusion.guidance import Guidance, drop_condition, replace_dropped
 from framework.export import diffusers_pipeline, diffusers_wan
 from framework.export.video_io import to_uint8, write_grid_png, write_mp4
+from framework.nn import sequence_parallel
 from framework.recipe import Built, Recipe
 from framework.rng import derive_seed
 from recipes.t2v_core import (
@@ -138,6 +139,10 @@ class VideoDiTRecipe(Recipe):
         check_sampler(cfg.diffusion.objective, cfg.sample.sampler)
         if cfg.model.arch == "wan":
             self.check_wan(cfg)
+        if world > 1:  # a single process (sampling, export, --describe) runs whole sequences
+            for i, bucket in enumerate(cfg.data.buckets):  # now, not at the bucket's first forward hours in
+                sequence_parallel.check_divisible(self.tokens(cfg, self.latent_shape(cfg, i)),
+                                                  cfg.train.sequence_parallel, f"data.buckets {bucket!r}")
 
     def warn_extreme_shift(self, cfg: VideoDiTRunConfig) -> None:
         """diffusion.shift=0 extrapolates Flux's token-count rule, which at video sizes gives shifts in the

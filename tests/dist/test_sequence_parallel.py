@@ -106,6 +106,18 @@ def test_impossible_sequence_parallel_configs_are_config_errors(overrides, world
         load_run_config(TINY, overrides, world)
 
 
+def test_a_video_bucket_the_group_cannot_split_is_a_config_error_at_load():
+    """A bucket's latent grid is known from the VAE's compression: an odd token count is refused when the config
+    loads, naming the bucket, not at that bucket's first forward (possibly hours into a run)."""
+    video = str(Path(TINY).parents[2] / "video_dit" / "configs" / "tiny.yaml")
+    # 32x32x9 frames -> latent (3, 4, 4) with the tiny VAE's 4x/8x compression and (1, 2, 2) patches: 12 tokens
+    odd = ["train.sequence_parallel=8", "model.heads=8", "model.dim=128", "data.buckets=['32x32x9:2']",
+           "train.global_batch=2", "train.micro_batch=2"]
+    with pytest.raises(ConfigError, match=r"data.buckets '32x32x9:2' has 12 tokens, not divisible by 8"):
+        load_run_config(video, odd, 8)
+    assert load_run_config(video, odd, 1)[0].train.sequence_parallel == 8  # one process: whole sequences
+
+
 def test_sequence_parallel_plus_data_parallel_batch_arithmetic():
     """world 4 at SP=2 is 2 data-parallel replicas: global 8 = micro 2 x accum 2 x 2. A single process (sampling
     or exporting an SP run, --describe, the planner) loads an SP config without splitting anything."""
