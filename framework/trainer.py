@@ -55,9 +55,10 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def freeze(helpers: dict[str, torch.nn.Module], device: torch.device, dtype: torch.dtype) -> dict:
-    """Frozen helpers: eval mode, no grads, compute dtype, on the device; never in the optimizer."""
+    """Frozen helpers: eval mode, no grads, compute dtype (or the helper's own `frozen_dtype`, e.g. the Wan VAE's
+    fp32), on the device; never in the optimizer."""
     for module in helpers.values():
-        module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+        module.requires_grad_(False).eval().to(device=device, dtype=getattr(module, "frozen_dtype", None) or dtype)
     return helpers
 
 

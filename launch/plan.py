@@ -208,6 +208,12 @@ def vae_params(path: str) -> int | None:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
+def vae_keeps_fp32(path: str) -> bool:
+    from recipes.video_dit.vae_ref import WanVAE, is_wan_folder
+
+    return bool(path) and is_wan_folder(path) and WanVAE.frozen_dtype == torch.float32
+
+
 def frozen_helpers(cfg) -> tuple[list[tuple[str, int]], list[str]]:
     """([(key, parameters)] of the frozen helpers whose folders exist, [keys of those not there yet]): every rank
     holds them whole, in the compute dtype, once it encodes (online latents, captions, evaluation prompts)."""
@@ -244,7 +250,11 @@ def plan(preset: str, overrides: list[str], gpus: int, gpu_memory: float | None)
                       checkpointing=checkpointing_mode(cfg), every_k=checkpointing_every(cfg),
                       sp=sequence_parallel(cfg), precision=t.precision)
     counted, missing = frozen_helpers(cfg)
-    helper_bytes = sum(n for _, n in counted) * (2 if t.precision == "bf16" else 4)
+    compute_bytes = 2 if t.precision == "bf16" else 4
+    vae_path = getattr(getattr(cfg, "vae", None), "path", "") or ""
+    # A diffusers Wan VAE stays fp32 in bf16 runs (WanVAE.frozen_dtype); every other helper takes the compute dtype.
+    helper_bytes = sum(n * (4 if key == "vae.path" and vae_keeps_fp32(vae_path) else compute_bytes)
+                       for key, n in counted)
     frozen = f" + {prof.frozen:,} frozen" if prof.frozen else ""
     lines = [f"{preset}: recipe {recipe.name}, {prof.params:,} trainable{frozen} parameters (largest layer "
              f"{prof.largest_layer:,}), {prof.n_blocks} blocks; {gpus} GPU(s) of {capacity / GIB:.1f} GiB, "
@@ -271,8 +281,9 @@ def plan(preset: str, overrides: list[str], gpus: int, gpu_memory: float | None)
                  f"{mp.FRAGMENTATION:.0%} of states, helpers and activations for fragmentation; activations = bytes "
                  f"saved for backward (flash-attention kernels)")
     if counted or missing:
+        kept = " (fp32)" if vae_keeps_fp32(vae_path) else ""
         lines.append("frozen helpers (whole on every rank, " + t.precision + "): "
-                     + ", ".join(f"{k} {n:,} parameters" for k, n in counted)
+                     + ", ".join(f"{k} {n:,} parameters{kept if k == 'vae.path' else ''}" for k, n in counted)
                      + ("; " if counted and missing else "")
                      + (f"not counted: {', '.join(missing)} (not there yet; a Wan preset's come with "
                         f"train.init_from=PIPELINE)" if missing else ""))

@@ -142,6 +142,11 @@ class WanVAE(nn.Module):
     `chunked` says, so memory is bounded for long clips either way. `identity` is the cache key's digest.
     """
 
+    # The trainer keeps this helper in fp32 in bf16 runs: WanPipeline and Wan's own code run this VAE in fp32, and
+    # the latents a fine-tune trains on (and the latent cache) should be the ones the released model saw. 127M
+    # parameters: 0.5 GB in fp32, counted so by the planner.
+    frozen_dtype = torch.float32
+
     def __init__(self, module: nn.Module, cfg: WanVAEConfig, identity: str):
         super().__init__()
         self.module = module.eval().requires_grad_(False)
@@ -167,7 +172,7 @@ class WanVAE(nn.Module):
         """x: (B, 3, 1 + 4k, H, W) in [-1, 1] -> normalised posterior mean and its logvar (float32, same
         normalisation: logvar - 2 log latents_std), (B, z_dim, 1 + k, H / s, W / s)."""
         self.cfg.check_video(*x.shape[2:])
-        posterior = self.module.encode(x).latent_dist
+        posterior = self.module.encode(x.to(next(self.module.parameters()).dtype)).latent_dist
         mean, inv_std = self._stats(x.device)
         return (posterior.mean.float() - mean) * inv_std, posterior.logvar.float() + 2.0 * inv_std.log()
 

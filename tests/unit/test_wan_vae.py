@@ -214,3 +214,21 @@ def test_dit_trains_online_through_the_wan_vae_and_samples_through_it(shapes_dat
 
     bad = cli("launch/train.py", DIT, *common, "vae.scale=0.5", f"run_dir={tmp_path / 'bad'}", code=2)
     assert "vae.scale=0.5" in bad.stderr and "latents_mean / latents_std" in bad.stderr
+
+
+def test_a_bf16_run_keeps_the_wan_vae_in_fp32_and_encodes_as_diffusers_does(tmp_path):
+    """The trainer casts frozen helpers to the compute dtype, except the Wan VAE (WanPipeline runs it in fp32): in
+    a bf16 run its latents equal diffusers' fp32 ones, while an ordinary helper is cast."""
+    from framework.trainer import freeze
+
+    model = wan_folder(tmp_path / "vae")
+    helpers = freeze({"vae": load_vae(str(tmp_path / "vae")), "other": torch.nn.Linear(2, 2)},
+                     torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in helpers["vae"].parameters()} == {torch.float32}
+    assert helpers["other"].weight.dtype == torch.bfloat16
+    x = video(5)
+    mean, _ = helpers["vae"].encode(x.to(torch.bfloat16))  # the loader's batch may arrive in the compute dtype
+    latents_mean, latents_std = pipeline_stats(model)
+    with torch.no_grad():
+        expected = (model.encode(x.to(torch.bfloat16).float()).latent_dist.mean - latents_mean) * latents_std
+    assert mean.dtype == torch.float32 and torch.allclose(mean, expected, atol=1e-5, rtol=0)
