@@ -3,9 +3,11 @@
     python launch/benchmark.py trainer-overhead [--preset P] [--nproc N] [--steps S] [--repeats R] [key=value ...]
 
     python launch/benchmark.py video-loader --data DIR [--workers N] [--batches B] [--uint8]
+    python launch/benchmark.py video-loader --generate 64x64 256x256 480x832 [--clips N] [--out DIR] [--uint8]
     python launch/benchmark.py latent-cache --latents DIR [--steps S] [--repeats R] [key=value ...]
     python launch/benchmark.py decode --masked RUN --ar RUN [--prompts N] [--gen-length 256] [--threshold T]
     python launch/benchmark.py av-sync --shared RUN --ablation RUN [--samples N]
+    python launch/benchmark.py adapt --ar-steps S --adapt-steps S2 [--anneal-steps A] [--work DIR] [key=value ...]
 
 trainer-overhead: seconds per optimizer step of our trainer (launch/train.py: LR schedule, per-step
 generators, metric all-reduce, EMA, JSONL, progress bar) divided by a bare DeepSpeed loop over the same
@@ -13,7 +15,8 @@ model, data stream, loss, DeepSpeed config and process count. Runs alternate (ou
 so drift on a shared machine hits both sides alike. Target: <= 1.05.
 
 video-loader: frames/s delivered by the video loader vs raw decord decoding of the same clips with the
-same worker count (launch/bench_video_loader.py). Target: >= 0.8.
+same worker count (launch/bench_video_loader.py), on a data set or on generated H.264 clips of each size
+given (one ratio row per size). Target: >= 0.9.
 
 latent-cache: seconds per step of the tiny video DiT trained from the latent cache vs encoding every batch
 with the VAE online, both through launch/train.py, alternating.
@@ -25,6 +28,9 @@ Target: threshold + cache >= 5x the reference at <= 1 point accuracy loss.
 av-sync: audio-video sync of joint video + audio samples, the shared temporal RoPE band against the run
 trained without it, beside the dataset and a VAE round trip (launch/bench_av_sync.py). Target: median
 |offset| <= 40 ms with the band, clearly worse without.
+
+adapt: the AR twin trained S steps then adapted to masked diffusion for S2 steps (shift, annealing) against
+a masked model trained from scratch for S + S2 steps: exact match and ELBO (launch/bench_adapt.py).
 """
 
 from __future__ import annotations
@@ -202,11 +208,14 @@ def main() -> None:
     v = sub.add_parser("video-loader", help="video loader vs raw decord, same clips and workers")
     v.add_argument("--data", default="datasets/shapes/train")
     v.add_argument("--workers", type=int, default=2)
-    v.add_argument("--batches", type=int, default=20)
+    v.add_argument("--batches", type=int, default=None, help="default 20, or the whole epoch with --generate")
     v.add_argument("--fps", type=float, default=8.0)
     v.add_argument("--buckets", nargs="*", default=None)
     v.add_argument("--repeats", type=int, default=2)
     v.add_argument("--uint8", action="store_true", help="ship uint8 frames (the recipes' default)")
+    from bench_video_loader import add_generate_arguments
+
+    add_generate_arguments(v)
     c = sub.add_parser("latent-cache", help="video DiT steps from the latent cache vs online VAE encoding")
     c.add_argument("--latents", default="datasets/shapes_latents")
     c.add_argument("--nproc", type=int, default=1)
@@ -228,6 +237,9 @@ def main() -> None:
     from bench_av_sync import add_arguments as av_sync_arguments
 
     av_sync_arguments(sub.add_parser("av-sync", help="joint video + audio sync: shared time band vs ablation"))
+    from bench_adapt import adapt_arguments
+
+    adapt_arguments(sub.add_parser("adapt", help="AR twin adapted to masked diffusion vs masked from scratch"))
     b = sub.add_parser("_bare-loop", help=argparse.SUPPRESS)
     b.add_argument("--preset", required=True)
     b.add_argument("--steps", type=int, required=True)
@@ -246,15 +258,23 @@ def main() -> None:
         from bench_decode import main as decode_main
 
         decode_main(args)
+    elif args.name == "adapt":
+        from bench_adapt import report
+
+        report(args)
     elif args.name == "av-sync":
         from bench_av_sync import main as av_sync_main
 
         av_sync_main(args)
     elif args.name == "video-loader":
-        from bench_video_loader import default_buckets, run
+        from bench_video_loader import default_buckets, run, run_generated
 
+        if args.generate:
+            run_generated(args.generate, args.clips, args.frames, args.fps, args.workers, args.batches,
+                          repeats=args.repeats, uint8=args.uint8, out_dir=args.out)
+            return
         buckets = args.buckets or default_buckets(args.data, args.fps)
-        run(args.data, buckets, args.fps, args.workers, args.batches, repeats=args.repeats, uint8=args.uint8)
+        run(args.data, buckets, args.fps, args.workers, args.batches or 20, repeats=args.repeats, uint8=args.uint8)
     else:
         bare_loop(args.preset, args.overrides, args.steps, args.warmup, args.out)
 
