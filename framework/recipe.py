@@ -103,6 +103,7 @@ RECIPES: dict[str, str] = {
     "llada": "recipes.llada.recipe:LladaRecipe",
     "video_vae": "recipes.video_vae.recipe:VideoVaeRecipe",
     "video_dit": "recipes.video_dit.recipe:VideoDiTRecipe",
+    "video_distill": "recipes.video_distill.recipe:VideoDistillRecipe",
     "audio_vae": "recipes.audio_vae.recipe:AudioVaeRecipe",
     "video_audio": "recipes.video_audio.recipe:VideoAudioRecipe",
 }

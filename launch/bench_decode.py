@@ -2,6 +2,9 @@
 
     python launch/benchmark.py decode --masked runs/tasks_tiny --ar runs/tasks_tiny_ar [--prompts 200]
     python launch/benchmark.py decode --random-shape recipes/llada/configs/1b.yaml --device cuda
+    python launch/benchmark.py decode --block-diffusion runs/tasks_tiny_bd --ar runs/tasks_tiny_ar
+
+Speed-ups are over the reference decoder, or without --masked over the AR twin.
 
 Decoders (generation length 256 by default, blocks of 32):
   reference        LLaDA's sampler, one token per step (steps = gen_length), low-confidence remasking
@@ -10,9 +13,15 @@ Decoders (generation length 256 by default, blocks of 32):
                    --refresh-every steps inside a block)
   threshold+dual   the same with the prefix and suffix cached (Fast-dLLM's dual cache)
   ar               the autoregressive twin, greedy with a KV cache
+  block_diffusion  a block-diffusion model (--block-diffusion RUN, objective.name=block_diffusion) of the same
+                   shape: exact KV cache of committed blocks, threshold commits inside the current block
+                   (framework/diffusion/block_decode.py; --block-steps forwards per block at most)
 Speed is counted honestly: tokens generated up to and including each row's first EOS (prompt
 excluded) over the wall time of the whole decoding call. Every batch of prompts runs through every
 decoder before the next batch, so machine drift hits all of them alike.
+
+`tok/fwd` is tokens over forwards; a forward runs the whole working batch, so per row it is this over the
+rows still decoding (--batch-size at most).
 
 --random-shape builds a model of a preset's shape with random weights (no checkpoint): only speed
 means anything then, and a random model is rarely confident, so the threshold decoder commits about one
@@ -30,6 +39,7 @@ import torch
 
 from framework import checkpoint
 from framework.data.sft import exact_match, left_pad_prompts
+from framework.diffusion.block_decode import BlockDecodeConfig, block_decode
 from framework.diffusion.masked_decode import DecodeConfig, decode, decode_autoregressive, generated_lengths
 from framework.export import safetensors_io
 from framework.nn.llada import LladaModel
@@ -64,9 +74,9 @@ def task_prompts(data_dir: str, count: int) -> tuple[list[str], list[str]]:
     return [r["prompt"] for r in rows[:count]], [r["response"] for r in rows[:count]]
 
 
-def variants(args: argparse.Namespace) -> dict[str, DecodeConfig | None]:
+def variants(args: argparse.Namespace) -> dict[str, DecodeConfig | BlockDecodeConfig | None]:
     common = dict(gen_length=args.gen_length, block_length=args.block_length)
-    out: dict[str, DecodeConfig | None] = {
+    out: dict[str, DecodeConfig | BlockDecodeConfig | None] = {} if not (args.masked or args.random_shape) else {
         "reference": DecodeConfig(**common, steps=args.gen_length),
         "threshold": DecodeConfig(**common, threshold=args.threshold),
         "threshold+prefix": DecodeConfig(**common, threshold=args.threshold, cache="prefix",
@@ -76,6 +86,9 @@ def variants(args: argparse.Namespace) -> dict[str, DecodeConfig | None]:
     }
     if args.ar or args.random_shape:
         out["ar"] = None
+    if args.block_diffusion or args.random_shape:
+        out["block_diffusion"] = BlockDecodeConfig(gen_length=args.gen_length, block_size=args.block_size,
+                                                   steps=args.block_steps or args.block_size, threshold=args.threshold)
     return out
 
 
@@ -96,11 +109,21 @@ def run(args: argparse.Namespace) -> dict:
         prompts_ids = [torch.randint(5, cfg.model.vocab_size, (int(n),), generator=g).tolist()
                        for n in torch.randint(8, 24, (args.prompts,), generator=g)]
         references, eos_id, pad_id, sp = None, 2, 0, None
+        with torch.device(device):  # the same shape, block-causal at decoding (random weights: speed only)
+            bd_model = LladaModel(cfg.model).to(dtype).eval()
     else:
         import sentencepiece as spm
 
-        masked, cfg = load_trained(args.masked, device)
+        masked, cfg = load_trained(args.masked, device) if args.masked else (None, None)
         ar_model = load_trained(args.ar, device)[0] if args.ar else None
+        bd_model = None
+        if args.block_diffusion:
+            bd_model, bd_cfg = load_trained(args.block_diffusion, device)
+            if bd_cfg.objective.name != "block_diffusion":
+                raise SystemExit(f"--block-diffusion {args.block_diffusion}: objective.name is "
+                                 f"{bd_cfg.objective.name}, not block_diffusion")
+            args.block_size = bd_cfg.objective.block_size
+            cfg = cfg or bd_cfg  # without --masked: the block-diffusion run's data and mask id
         data_dir = args.data or cfg.data.dir
         sp = spm.SentencePieceProcessor(model_file=str(Path(data_dir) / "tokenizer.model"))
         prompts, references = task_prompts(data_dir, args.prompts)
@@ -116,6 +139,8 @@ def run(args: argparse.Namespace) -> dict:
             start = time.perf_counter()
             if dcfg is None:
                 out = decode_autoregressive(ar_model, ids, mask, args.gen_length, eos_id=eos_id)
+            elif isinstance(dcfg, BlockDecodeConfig):
+                out = block_decode(bd_model, ids, mask, dcfg, mask_id=mask_id, eos_id=eos_id)
             else:
                 out = decode(masked, ids, mask, dcfg, mask_id=mask_id, eos_id=eos_id)
             _sync(device)
@@ -127,12 +152,14 @@ def run(args: argparse.Namespace) -> dict:
                 for row, ref in zip(out.tokens.tolist(), references[lo:lo + args.batch_size]):
                     answer = row[: row.index(eos_id)] if eos_id in row else row
                     s["correct"] += exact_match(detokenize(sp, answer), ref)
-    base = stats["reference"]["tokens"] / stats["reference"]["seconds"]
+    ref = "reference" if "reference" in stats else "ar" if "ar" in stats else next(iter(stats))  # speed-up base
+    base = stats[ref]["tokens"] / stats[ref]["seconds"]
     report = {}
     for name, s in stats.items():
         rate = s["tokens"] / s["seconds"]
         report[name] = {"tokens_per_s": rate, "speedup_vs_reference": rate / base, "seconds": s["seconds"],
                         "tokens": s["tokens"], "forwards": s["forwards"],
+                        "tokens_per_forward": s["tokens"] / max(s["forwards"], 1),
                         "exact_match": s["correct"] / len(prompts_ids) if references is not None else None}
     return report
 
@@ -141,16 +168,23 @@ def print_report(report: dict, args: argparse.Namespace) -> None:
     print(f"decode benchmark: {args.prompts} prompts, gen_length {args.gen_length}, block {args.block_length}, "
           f"threshold {args.threshold}, cache refresh every {args.refresh_every or 'block'} steps, "
           f"batch {args.batch_size}, device {args.device}")
-    print(f"{'decoder':<18}{'tokens/s':>10}{'speed-up':>10}{'exact match':>13}{'forwards':>10}{'tokens':>8}")
+    print(f"{'decoder':<18}{'tokens/s':>10}{'speed-up':>10}{'exact match':>13}{'forwards':>10}{'tokens':>8}"
+          f"{'tok/fwd':>9}")
     for name, r in report.items():
         acc = "-" if r["exact_match"] is None else f"{100 * r['exact_match']:.1f}%"
         print(f"{name:<18}{r['tokens_per_s']:>10.1f}{r['speedup_vs_reference']:>9.2f}x{acc:>13}"
-              f"{r['forwards']:>10}{r['tokens']:>8}")
+              f"{r['forwards']:>10}{r['tokens']:>8}{r['tokens_per_forward']:>9.2f}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masked", help="run dir or checkpoint of the masked diffusion model")
     p.add_argument("--ar", help="run dir or checkpoint of its autoregressive twin")
+    p.add_argument("--block-diffusion", help="run dir or checkpoint of a block-diffusion model of the same shape")
+    p.add_argument("--block-size", type=int, default=32,
+                   help="random-shape block-diffusion block size (a trained run's is its objective.block_size)")
+    p.add_argument("--block-steps", type=int, default=0,
+                   help="block diffusion: at most this many forwards per block (0: the block size, so the threshold "
+                        "rule commits at least one token a forward)")
     p.add_argument("--random-shape", help="preset whose shape to build with random weights (speed only)")
     p.add_argument("--data", help="task data dir (default: the masked run's data.dir)")
     p.add_argument("--prompts", type=int, default=200)
@@ -166,8 +200,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    if not (args.masked or args.random_shape):
-        raise SystemExit("decode: give --masked RUN (and --ar RUN) or --random-shape PRESET")
+    if not (args.masked or args.block_diffusion or args.random_shape):
+        raise SystemExit("decode: give --masked RUN (and --ar RUN, --block-diffusion RUN), --block-diffusion RUN "
+                         "or --random-shape PRESET")
     report = run(args)
     print_report(report, args)
     if args.out:

@@ -70,6 +70,30 @@ def random_length_crop(batch: int, seq_len: int, gen: torch.Generator, prob: flo
     return keep | ~crop_row[:, None]
 
 
+def shift_logits(logits: Tensor) -> Tensor:
+    """Shifted prediction (Dream, Ye et al. 2025; DiffuLLaMA's `shift`): the model's output at i predicts token
+    i + 1, as an AR model's head does, so an adapted AR model keeps its head's meaning. Returned aligned with the
+    tokens they predict: position j gets the output at j - 1, position 0 (never predicted) its own: (B, L, V)."""
+    return torch.cat((logits[:, :1], logits[:, :-1]), dim=1)
+
+
+def anneal_ratio(step: int, anneal_steps: int) -> float:
+    """Share of the upper (future) triangle unmasked at optimizer step `step` (0-based) of an adaptation:
+    DiffuLLaMA's min(1, (step + 1) / anneal_steps); 1.0 (fully bidirectional) when annealing is off."""
+    return 1.0 if anneal_steps <= 0 else min(1.0, (step + 1) / anneal_steps)
+
+
+def annealed_attention_mask(seq_len: int, ratio: float, gen: torch.Generator) -> Tensor:
+    """(L, L) bool, True = may attend: the causal mask plus each future entry with probability `ratio`
+    (DiffuLLaMA's attention-mask annealing: causal at 0, bidirectional at 1, one mask for the whole batch).
+
+    The uniforms come from `gen` (the step's seeded generator), so a resumed run draws the same masks, and for a
+    fixed generator state a larger ratio only adds entries (the mask grows monotonically)."""
+    u = torch.rand(seq_len, seq_len, generator=gen, device=gen.device)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=gen.device).tril()
+    return causal | (u < ratio)
+
+
 def masked_diffusion_loss(
     logits: Tensor,
     targets: Tensor,

@@ -19,6 +19,11 @@ mass on the mask token unevenly, so published settings reproduce token for token
 prediction itself never is the mask token in either mode (generate.py could commit it, leaving the position
 masked; a trained model practically never prefers it).
 
+Shifted prediction (`shift`, Dream; a model adapted from an AR one with objective.shift): the output at column
+i predicts token i + 1, so a block [start, end) reads the outputs of columns [start - 1, end - 1), Dream's
+`cat([logits[:, :1], logits[:, :-1]])`. With a cache, a block's forward then also recomputes the column before
+the block (its committed token), whose output predicts the block's first token.
+
 Rows stop independently: a row is finished once its answer holds an EOS with no mask before it; it is
 then dropped from the working batch (no more compute), and everything after its first EOS reads EOS.
 
@@ -52,6 +57,7 @@ class DecodeConfig:
     temperature: float = 0.0
     cfg_scale: float = 1.0  # CFG: uncond + s (cond - uncond), 1 = off, 0 = unconditional (the prompt masked)
     confidence: Literal["without_mask", "full"] = "without_mask"  # softmax the confidence is read from
+    shift: bool = False  # the output at i predicts token i + 1 (Dream): a block reads the columns one to the left
 
     def __post_init__(self) -> None:
         if self.gen_length % self.block_length:
@@ -193,6 +199,9 @@ def decode(
     out = answer_masks.clone()
     steps_per_block = 0 if cfg.threshold else cfg.steps // (g // bl)
     forwards = 0
+    s = int(cfg.shift)
+    if s and p == 0:
+        raise ValueError("shift decoding needs a prompt of at least one token (its output predicts the first one)")
 
     for start in range(p, p + g, bl):
         end = start + bl
@@ -202,16 +211,16 @@ def decode(
             refresh = cfg.cache == "none" or cache is None or (cfg.refresh_every and step % cfg.refresh_every == 0)
             if refresh:
                 ids, mask, pos = rows.model_inputs(0, p + g)
-                logits, full = model(ids, mask, positions=pos, return_cache=True, logits_range=(start, end))
+                logits, full = model(ids, mask, positions=pos, return_cache=True, logits_range=(start - s, end - s))
                 if cfg.cache != "none":
                     outside = torch.ones(p + g, dtype=torch.bool, device=ids.device)
-                    outside[start:] = False  # prefix cache
+                    outside[start - s:] = False  # prefix cache (shift: from the column whose output reads start)
                     if cfg.cache == "dual":
                         outside[end:] = True
                     cache = full.columns(outside)
             else:
                 hi = end if cfg.cache == "dual" else p + g
-                ids, mask, pos = rows.model_inputs(start, hi)
+                ids, mask, pos = rows.model_inputs(start - s, hi)
                 logits, _ = model(ids, mask, positions=pos, past=cache, return_cache=True, logits_range=(0, bl))
             forwards += 1
             x0, confidence = _predict(_guide(logits, guided, cfg.cfg_scale), cfg, mask_id, gen)

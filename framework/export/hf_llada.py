@@ -47,6 +47,7 @@ class LladaHFConfig(PretrainedConfig):
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qk_norm: bool = False
+    qkv_bias: bool = False  # q/k/v biases (an adapted Qwen2); exports written before it read as none
     tie_embeddings: bool = False
     mask_id: int = 4
     causal: bool = False
@@ -56,6 +57,9 @@ class LladaHFConfig(PretrainedConfig):
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
+    # > 0: a block-diffusion LM (objective.name=block_diffusion): attention is block-causal over blocks of this many
+    # positions (a token sees its own block and earlier ones), as diffusers' LLaDA2Pipeline expects of its model.
+    block_size: int = 0
 
     def validate_architecture(self) -> None:
         self.model_config()  # LladaModelConfig's own checks (heads divide dim, even head_dim, mask id)
@@ -93,6 +97,8 @@ class LladaPreTrainedModel(PreTrainedModel):
         std = self.config.init_std
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
             init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:  # q/k/v biases (qkv_bias) start at zero
+                init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, LladaModel):
@@ -108,9 +114,24 @@ class LladaPreTrainedModel(PreTrainedModel):
         self.model.embed = value
 
     def _hidden(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> Tensor:
+        if self.config.block_size > 0:
+            return self._block_hidden(input_ids, attention_mask, position_ids)
         # HF attention_mask: 1 = real token, as our key_padding_mask; all ones -> None keeps SDPA unmasked.
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         hidden, _ = self.model.hidden_states(input_ids, mask, positions=position_ids)
+        return hidden
+
+    def _block_hidden(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> Tensor:
+        """Block-causal attention, blocks by position (position_ids // block_size, as in training); padding keys
+        (attention_mask 0) are never attended."""
+        from framework.diffusion.block_diffusion import block_causal_mask, block_index, with_key_mask
+
+        b, length = input_ids.shape
+        positions = position_ids if position_ids is not None else \
+            torch.arange(length, device=input_ids.device).expand(b, length)
+        blocks = block_index(positions.to(input_ids.device), self.config.block_size)
+        mask = with_key_mask(block_causal_mask(blocks, blocks), None if attention_mask is None else attention_mask.bool())
+        hidden, _ = self.model.hidden_states(input_ids, positions=positions, attn_mask=mask)
         return hidden
 
 

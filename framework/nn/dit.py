@@ -3,6 +3,10 @@
 adaLN-Zero as in DiT (Peebles & Xie): each block gets (shift, scale, gate) x 2 from the timestep
 embedding; the modulation is zero-initialised so every block starts as the identity. As in Wan2.1 the
 timestep projection to 6*dim is computed once and shared, each block adds its own learned bias.
+
+Two ways to condition on text: `DiTBlock` cross-attends from the video tokens to the text, `JointBlock` is
+SD3's MMDiT block (Esser et al. 2024): text and video are two streams with their own weights, attending
+jointly over the concatenation of both streams' tokens.
 """
 
 from __future__ import annotations
@@ -112,6 +116,78 @@ class DiTBlock(nn.Module):
         if self.cross is not None and text is not None:
             x = x + self.cross(self.norm_cross(x), context=text, key_padding_mask=text_mask)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class _Stream(nn.Module):
+    """One stream's half of a `JointBlock`: adaLN norms, q/k/v (qk RMSNorm per head) and, when `update`, the
+    attention output projection and MLP. Without `update` (the text stream of the last block: nothing reads
+    its result, as SD3's `context_pre_only`) the stream only gives keys and values: norm, (shift, scale), k, v."""
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, qk_norm: bool, update: bool = True):
+        super().__init__()
+        self.heads, self.update = heads, update
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, (3 if update else 2) * dim)  # no queries when nothing reads their output
+        self.q_norm = RMSNorm(dim // heads) if qk_norm and update else nn.Identity()
+        self.k_norm = RMSNorm(dim // heads) if qk_norm else nn.Identity()
+        # Per-block bias on the shared time projection: (shift, scale, gate) x 2, or (shift, scale) alone.
+        self.modulation = nn.Parameter(torch.zeros(6 if update else 2, dim))
+        if update:
+            self.out = nn.Linear(dim, dim)
+            self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(approximate="tanh"),
+                                     nn.Linear(mlp_hidden, dim))
+
+    def mods(self, time6: Tensor) -> tuple[Tensor, ...]:
+        """time6 (B, 6, D) -> this stream's modulation vectors, each (B, D)."""
+        return (time6[:, : self.modulation.shape[0]] + self.modulation).unbind(dim=1)
+
+    def qkv_heads(self, x: Tensor, shift: Tensor, scale: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+        """x (B, N, D) -> q, k, v (B, H, N, head_dim), q and k normalised; q is None without `update`."""
+        parts = rearrange(self.qkv(modulate(self.norm1(x), shift, scale)), "b n (m h d) -> m b h n d",
+                          m=3 if self.update else 2, h=self.heads)
+        q = self.q_norm(parts[0]) if self.update else None
+        return q, self.k_norm(parts[-2]), parts[-1]
+
+    def finish(self, x: Tensor, attended: Tensor, mods: tuple[Tensor, ...]) -> Tensor:
+        """Residual updates after attention: x + gate1 * out(attended), then the modulated MLP."""
+        _, _, gate1, shift2, scale2, gate2 = mods
+        x = x + gate1[:, None] * self.out(rearrange(attended, "b h n d -> b n (h d)"))
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class JointBlock(nn.Module):
+    """MMDiT block: per-stream adaLN-Zero, q/k/v/out and MLP; one attention over [text; video] tokens.
+
+    RoPE rotates the video tokens only: text tokens carry their order in their own states (the encoder's
+    positions) and have no place on the video grid, so they stay unrotated, as in SD3 (no positional
+    encoding on the text stream). Padded text tokens are masked as keys; as queries they only update their
+    own (padded) states, which no real token ever reads, so they cannot change the video output.
+    `update_text=False` (the last block) leaves the text stream as it is."""
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, qk_norm: bool = True, update_text: bool = True):
+        super().__init__()
+        self.video = _Stream(dim, heads, mlp_hidden, qk_norm)
+        self.text = _Stream(dim, heads, mlp_hidden, qk_norm, update=update_text)
+
+    def forward(self, x: Tensor, text: Tensor, time6: Tensor, text_time6: Tensor, rope: tuple[Tensor, Tensor],
+                text_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, N, D) video tokens, text (B, S, D), time6 / text_time6 (B, 6, D) each stream's shared timestep
+        modulation, rope (cos, sin) of (N, head_dim), text_mask (B, S) True = real token -> (x, text)."""
+        video_mods, text_mods = self.video.mods(time6), self.text.mods(text_time6)
+        qx, kx, vx = self.video.qkv_heads(x, *video_mods[:2])
+        qt, kt, vt = self.text.qkv_heads(text, *text_mods[:2])
+        qx, kx = apply_rope(qx, *rope), apply_rope(kx, *rope)
+        k, v = torch.cat([kt, kx], dim=2), torch.cat([vt, vx], dim=2)
+        keep = None
+        if text_mask is not None:
+            keep = torch.cat([text_mask.to(torch.bool), text_mask.new_ones(x.shape[:2], dtype=torch.bool)], dim=1)
+        # Without a text update nothing reads the text queries' output: only the video tokens query.
+        q = torch.cat([qt, qx], dim=2) if self.text.update else qx
+        out = attention(q, k, v, key_padding_mask=keep)
+        if self.text.update:
+            text = self.text.finish(text, out[:, :, : text.shape[1]], text_mods)
+        return self.video.finish(x, out[:, :, -x.shape[1]:], video_mods), text
 
 
 class FinalLayer(nn.Module):

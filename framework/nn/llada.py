@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from framework.nn import sequence_parallel
 from framework.nn.attention import attention, build_attention_mask
 from framework.nn.checkpointing import CheckpointingMode, normalise_mode, run_block, should_checkpoint
 from framework.nn.init import gathered_for_init
@@ -33,6 +34,7 @@ class LladaModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qk_norm: bool = False
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2); the output projection never has one
     tie_embeddings: bool = False
     mask_id: int = 4
     causal: bool = False  # True gives the autoregressive twin used for speed and quality comparisons
@@ -102,9 +104,9 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: LladaModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.causal = cfg.n_heads, cfg.kv_heads, cfg.causal
-        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
@@ -137,7 +139,10 @@ class SelfAttention(nn.Module):
         if self.n_kv_heads != self.n_heads:  # the cache keeps the few kv heads; expand only for the product
             group = self.n_heads // self.n_kv_heads
             keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-        out = attention(q, keys, values, causal=self.causal and mask is None, mask=mask)
+        # Under train.sequence_parallel x is this rank's shard (LladaModel.forward decides): DeepSpeed's all-to-all
+        # gives attention the whole sequence for n_heads / N heads; `mask` is over the whole sequence.
+        attend = sequence_parallel.sharded_attention if sequence_parallel.active() else attention
+        out = attend(q, keys, values, causal=self.causal and mask is None, mask=mask)
         return self.wo(out.transpose(1, 2).reshape(b, seq, dim)), (k, v)
 
 
@@ -212,12 +217,16 @@ class LladaModel(nn.Module):
         *,
         positions: Tensor | None = None,
         past: KVCache | None = None,
+        attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, KVCache]:
-        """Final-norm hidden states (B, L, dim) and the KVCache of these L tokens.
+        """Final-norm hidden states (B, L, dim) and the KVCache of these L tokens (under train.sequence_parallel,
+        with no past: this rank's L / N tokens; `forward` gathers the logits).
 
         key_padding_mask: (B, L) True = real token of this call (padding keys are never attended).
         positions: (B, L) long, default 0..L-1 after the past (left padding needs its own).
         past: cached earlier tokens, attended as keys before this call's (causal order for the AR twin).
+        attn_mask: (L, L_keys) or (B, L, L_keys) bool, True = may attend, applied on top of the rest (the
+        attention-mask annealing of an AR model's adaptation, objectives.masked_*).
         """
         b, seq_len = input_ids.shape
         offset = 0 if past is None else len(past)
@@ -237,8 +246,18 @@ class LladaModel(nn.Module):
             mask = build_attention_mask(seq_len, offset + seq_len, causal=self.cfg.causal,
                                         key_padding_mask=keys_mask if padded else None, doc_ids=doc_ids,
                                         device=input_ids.device)
+        if attn_mask is not None:
+            extra = attn_mask.to(device=input_ids.device, dtype=torch.bool)
+            extra = extra[None, None] if extra.dim() == 2 else extra[:, None]
+            if mask is None and self.cfg.causal:  # the causal flag only applies when no mask is given
+                mask = build_attention_mask(seq_len, offset + seq_len, causal=True, device=input_ids.device)
+            mask = extra if mask is None else mask & extra
         cos, sin = self._rope_tables()
         x = self.embed(input_ids)
+        if sequence_parallel.active():  # this rank's 1/N of the tokens, at their positions in the full row
+            if positions is None:
+                positions = torch.arange(seq_len, device=input_ids.device).expand(b, seq_len)
+            x, positions = sequence_parallel.shard(x, 1), sequence_parallel.shard(positions, 1)
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             layer_past = None if past is None else (past.keys[i], past.values[i])
@@ -260,14 +279,27 @@ class LladaModel(nn.Module):
         past: KVCache | None = None,
         return_cache: bool = False,
         logits_range: tuple[int, int] | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, KVCache]:
         """input_ids: (B, L) -> logits (B, L, vocab) [and the KVCache of these tokens when return_cache].
 
         logits_range (lo, hi): only columns lo..hi-1 go through lm_head (a decoder reading one block
         skips most of the (L, vocab) matmul, which dominates at a large vocabulary).
+        attn_mask: an explicit boolean attention mask (see hidden_states).
         """
-        hidden, cache = self.hidden_states(input_ids, key_padding_mask, doc_ids, positions=positions, past=past)
-        logits = self.lm_head(hidden if logits_range is None else hidden[:, logits_range[0]:logits_range[1]])
+        # Sequence parallel for whole rows; decoding with a cache runs whole on every rank of the group.
+        split = (sequence_parallel.active() and past is None and not return_cache
+                 and input_ids.shape[1] % sequence_parallel.size() == 0)
+        if sequence_parallel.active() and self.training and not split:  # a recomputed block would see a shard
+            sequence_parallel.check_divisible(input_ids.shape[1], sequence_parallel.size(), "a training row")
+        if split:  # lm_head on the shard, then gather: its weights see each token once
+            logits = sequence_parallel.gather(self.lm_head(self.hidden_states(
+                input_ids, key_padding_mask, doc_ids, positions=positions, attn_mask=attn_mask)[0]), 1)
+            return logits if logits_range is None else logits[:, logits_range[0]:logits_range[1]]
+        with sequence_parallel.unsharded():
+            hidden, cache = self.hidden_states(input_ids, key_padding_mask, doc_ids, positions=positions, past=past,
+                                               attn_mask=attn_mask)
+            logits = self.lm_head(hidden if logits_range is None else hidden[:, logits_range[0]:logits_range[1]])
         return (logits, cache) if return_cache else logits
 
 
@@ -276,6 +308,7 @@ def count_parameters(cfg: LladaModelConfig) -> int:
     """Parameter count of LladaModel(cfg), computed from the shape alone (no allocation)."""
     d = cfg.dim
     attn = 2 * d * d + 2 * d * cfg.kv_heads * cfg.head_dim + (2 * cfg.head_dim if cfg.qk_norm else 0)
+    attn += (d + 2 * cfg.kv_heads * cfg.head_dim) if cfg.qkv_bias else 0
     ffn = 3 * d * cfg.ffn_hidden
     block = attn + ffn + 2 * d  # two RMSNorm gains
     embed = cfg.vocab_size * d

@@ -1,6 +1,7 @@
 """Decoding for the LLaDA recipe: its sample config -> the framework's decoders, in batches of prompts.
 
 A masked-diffusion model decodes with framework.diffusion.masked_decode.decode (reference, threshold,
+cache), a block-diffusion one (objective.name=block_diffusion) with framework.diffusion.block_decode (exact
 cache); the AR twin (model.causal) with its KV cache. Under ZeRO-3 every forward gathers parameters
 collectively, so all ranks must run the same number of forwards: `lockstep` turns off what makes that
 number data-dependent (stopping at EOS, threshold decoding).
@@ -19,6 +20,7 @@ from typing import Literal
 import torch
 
 from framework.data.sft import left_pad_prompts
+from framework.diffusion.block_decode import BlockDecodeConfig, block_decode
 from framework.diffusion.masked_decode import DecodeConfig, decode, decode_autoregressive
 
 
@@ -43,12 +45,23 @@ class SampleConfig:
     batch_size: int = 32  # prompts decoded together (left-padded)
 
 
-def decode_config(s: SampleConfig, lockstep: bool = False) -> DecodeConfig:
-    """The framework decoder's settings; ValueError (naming the field) when they do not fit together."""
+def decode_config(s: SampleConfig, lockstep: bool = False, shift: bool = False) -> DecodeConfig:
+    """The framework decoder's settings; ValueError (naming the field) when they do not fit together. `shift` is
+    the run's objective.shift (a Dream-style model: the output at i predicts token i + 1)."""
     return DecodeConfig(gen_length=s.gen_length, block_length=s.block_length, steps=s.steps,
                         threshold=0.0 if lockstep else s.threshold, cache=s.cache, refresh_every=s.refresh_every,
                         remasking=s.remasking, temperature=s.temperature, cfg_scale=s.cfg_scale,
-                        confidence="without_mask" if s.confidence == "auto" else s.confidence)
+                        confidence="without_mask" if s.confidence == "auto" else s.confidence, shift=shift)
+
+
+def block_decode_config(s: SampleConfig, block_size: int, lockstep: bool = False) -> BlockDecodeConfig:
+    """A block-diffusion run's decoder (objective.name=block_diffusion): blocks of the training block_size, and
+    sample.steps (total, as for the reference decoder) shared out per block; sample.threshold > 0 commits every
+    token above it (LLaDA2Pipeline's rule), 0 (or lockstep) only each step's quota of the most confident ones."""
+    steps = max(1, min(block_size, s.steps * block_size // s.gen_length))
+    threshold = s.threshold if s.threshold > 0 and not lockstep else 1.0  # no probability exceeds 1
+    return BlockDecodeConfig(gen_length=s.gen_length, block_size=block_size, steps=steps, threshold=threshold,
+                             lockstep=lockstep)
 
 
 def generate_answers(model, cfg, prompts: list[list[int]], *, eos_id: int, pad_id: int, device: torch.device,
@@ -61,12 +74,15 @@ def generate_answers(model, cfg, prompts: list[list[int]], *, eos_id: int, pad_i
     for lo in range(0, len(prompts), s.batch_size):
         ids, mask = left_pad_prompts(prompts[lo:lo + s.batch_size], pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        if cfg.model.causal:
+        if cfg.objective.name == "block_diffusion":
+            out = block_decode(model, ids, mask, block_decode_config(s, cfg.objective.block_size, lockstep),
+                               mask_id=cfg.model.mask_id, eos_id=stop)
+        elif cfg.model.causal:
             out = decode_autoregressive(model, ids, mask, s.gen_length, eos_id=stop, temperature=s.temperature,
                                         gen=gen)
         else:
-            out = decode(model, ids, mask, decode_config(s, lockstep), mask_id=cfg.model.mask_id, eos_id=stop,
-                         gen=gen)
+            dcfg = decode_config(s, lockstep, shift=cfg.objective.shift)
+            out = decode(model, ids, mask, dcfg, mask_id=cfg.model.mask_id, eos_id=stop, gen=gen)
         forwards += out.forwards
         for row in out.tokens.tolist():
             answers.append(row[: row.index(eos_id)] if eos_id in row else row)

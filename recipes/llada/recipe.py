@@ -26,11 +26,13 @@ from framework.nn.llada import LladaModel, LladaModelConfig, count_parameters, t
 from framework.recipe import Built, Recipe
 from framework.rng import derive_seed
 from recipes.llada import objectives, sample_quality
-from recipes.llada.decoding import SampleConfig, decode_config, generate_answers
+from recipes.llada.decoding import SampleConfig, block_decode_config, decode_config, generate_answers
 from recipes.llada.tokenizer import (
     LLADA_MASK_TOKEN,
     TRANSFORMERS_TOKENIZER_FILES,
     TextTokenizer,
+    adapt_tokenizer,
+    save_adapted,
     sentencepiece_tokenizer,
     tokenizer_source,
     transformers_tokenizer,
@@ -51,11 +53,16 @@ class TextDataConfig:
 
 @dataclass
 class MaskedObjectiveConfig:
-    name: Literal["masked", "autoregressive"] = "masked"  # autoregressive needs model.causal=true
+    name: Literal["masked", "autoregressive", "block_diffusion"] = "masked"  # autoregressive needs model.causal=true
+    # block_diffusion (BD3-LM): blocks of this many positions, bidirectional inside, causal across (objectives.py)
+    block_size: int = 0
     eps: float = 1e-3  # p_mask = (1 - eps) t + eps, so no row is left entirely unmasked
     antithetic: bool = False  # stratify t over the batch (lower-variance loss)
     random_length_prob: float = 0.01  # fraction of rows cropped to a random length (LLaDA: 1%; pretraining)
     elbo_samples: int = 8  # Monte Carlo samples per sequence of the held-out ELBO
+    # Adapting an AR model (train.init_from=AR run or folder, model.causal=false); objectives.py says how.
+    anneal_steps: int = 0  # attention mask causal -> bidirectional over this many optimizer steps (DiffuLLaMA); 0: off
+    shift: bool = False  # position i's output predicts token i + 1 (Dream): training, ELBO and every decoder
 
 
 @dataclass
@@ -89,18 +96,36 @@ def run_tokenizer(cfg: LladaConfig) -> TextTokenizer:
         return sentencepiece_tokenizer(path)
     key = "data.tokenizer" if cfg.data.tokenizer else "train.init_from"
     try:
-        return transformers_tokenizer(path)
+        return transformers_tokenizer(adapted_tokenizer_dir(cfg) if kind == "adapted" else path)
     except ValueError as e:
         raise ConfigError(f"{key}: {e}") from None
+
+
+def record_block_size(out_dir: str, block_size: int) -> None:
+    """config.json of an `--format hf` export gets `block_size`: the model then attends block-causally."""
+    path = Path(out_dir) / "config.json"
+    raw = json.loads(path.read_text())
+    raw["block_size"] = block_size
+    path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def adapted_tokenizer_dir(cfg: LladaConfig) -> str:
+    """RUN_DIR/tokenizer: train.init_from's Llama / Qwen2 tokenizer with the mask token, saved with the run."""
+    from framework.export import hf_ar_io
+
+    rows = hf_ar_io.read_raw_config(cfg.train.init_from)["vocab_size"]
+    return str(save_adapted(cfg.train.init_from, rows, Path(cfg.run_dir) / "tokenizer"))
 
 
 class LladaRecipe(Recipe):
     name = "llada"
     config_class = LladaConfig
     unit = "tokens"
+    export_sections = ("model", "objective")  # objective.shift: how a user of the export reads its logits
 
     def validate(self, cfg: LladaConfig, world: int) -> None:
         adopt_llada_shape(cfg)
+        adopt_ar_shape(cfg)
         m = cfg.model
         if cfg.data.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
@@ -112,6 +137,19 @@ class LladaRecipe(Recipe):
             raise ConfigError(f"objective.name={cfg.objective.name} needs model.causal="
                               f"{str(cfg.objective.name == 'autoregressive').lower()} (the AR twin is causal, "
                               "the masked diffusion model bidirectional)")
+        o = cfg.objective
+        if (o.name == "block_diffusion") != (o.block_size > 0):
+            raise ConfigError(f"objective.block_size={o.block_size}: objective.name=block_diffusion needs a block size "
+                              f">= 1 and the other objectives none (got objective.name={o.name})")
+        if o.name == "block_diffusion" and (o.anneal_steps or o.shift or cfg.sft.prompt_dropout):
+            raise ConfigError("objective.name=block_diffusion trains and decodes without objective.anneal_steps, "
+                              "objective.shift and sft.prompt_dropout (its decoder has no CFG): set them to 0/false")
+        if o.anneal_steps < 0:
+            raise ConfigError(f"objective.anneal_steps={o.anneal_steps} must be >= 0 (0: no annealing)")
+        if (o.anneal_steps or o.shift) and (o.name == "autoregressive" or m.causal):
+            raise ConfigError(f"objective.anneal_steps={o.anneal_steps} / objective.shift={o.shift} adapt an AR model "
+                              "to masked diffusion: they need objective.name=masked and model.causal=false (got "
+                              f"objective.name={o.name}, model.causal={str(m.causal).lower()})")
         if not 0.0 <= cfg.sft.prompt_dropout < 1.0:
             raise ConfigError(f"sft.prompt_dropout={cfg.sft.prompt_dropout} must lie in [0, 1)")
         if cfg.sample.batch_size < 1:
@@ -121,7 +159,10 @@ class LladaRecipe(Recipe):
             print("warning: sample.cfg_scale=0 decodes unconditionally (the prompt masked out); guidance off is "
                   "sample.cfg_scale=1 (LLaDA's cfg_scale w is w + 1)", flush=True)
         try:
-            decode_config(cfg.sample)
+            if o.name == "block_diffusion":  # its own decoder: sample.block_length / cache do not apply
+                block_decode_config(cfg.sample, o.block_size)
+            else:
+                decode_config(cfg.sample)
         except ValueError as e:
             raise ConfigError(f"sample.*: {e}") from None
 
@@ -149,7 +190,8 @@ class LladaRecipe(Recipe):
     def describe(self, cfg: LladaConfig) -> str:
         n = count_parameters(cfg.model)
         f = train_flops_per_token(cfg.model, cfg.data.seq_len)
-        kind = "autoregressive twin" if cfg.model.causal else "masked diffusion"
+        kind = "autoregressive twin" if cfg.model.causal else \
+            "block diffusion" if cfg.objective.name == "block_diffusion" else "masked diffusion"
         size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
         return f"{size} parameters ({kind}, {cfg.data.kind}), {f / 1e9:.3f} GFLOPs per training token"
 
@@ -176,6 +218,8 @@ class LladaRecipe(Recipe):
     def loss(self, cfg: LladaConfig, model, helpers, batch, gen):
         if cfg.objective.name == "autoregressive":
             return objectives.autoregressive(cfg, model, batch, gen)
+        if cfg.objective.name == "block_diffusion":
+            return objectives.block_diffusion(cfg, model, batch, gen)
         if cfg.data.kind == "sft":
             return objectives.masked_sft(cfg, model, batch, gen)
         return objectives.masked_pretrain(cfg, model, batch, gen)
@@ -210,11 +254,15 @@ class LladaRecipe(Recipe):
         if cfg.model.causal:
             loss, _ = objectives.autoregressive(cfg, model, batch, gen)
             return float(loss) / math.log(2.0)
+        def logits(x):  # aligned with the tokens they predict (objective.shift)
+            if cfg.objective.name == "block_diffusion":  # the same mask level in every block: each block's ELBO
+                return objectives.block_logits(cfg, model, x, ids)
+            return objectives.diffusion_logits(cfg, model, x)
+
         if cfg.data.kind != "sft":
-            return float(elbo_bits_per_token(lambda x: model(x), ids, cfg.model.mask_id, gen,
-                                             cfg.objective.elbo_samples))
+            return float(elbo_bits_per_token(logits, ids, cfg.model.mask_id, gen, cfg.objective.elbo_samples))
         answer = objectives.sft_regions(batch, cfg.sft.supervise_padding)[1]
-        nats, _ = conditional_elbo(lambda x: model(x), ids, answer, cfg.model.mask_id, gen, cfg.objective.elbo_samples)
+        nats, _ = conditional_elbo(logits, ids, answer, cfg.model.mask_id, gen, cfg.objective.elbo_samples)
         return float(nats.sum() / answer.sum()) / math.log(2.0)
 
     def _exact_match(self, model, cfg: LladaConfig, batches: list[dict], world: int, gen) -> float:
@@ -264,6 +312,8 @@ class LladaRecipe(Recipe):
 
     def export_assets(self, cfg: LladaConfig, out_dir: str) -> list[str]:
         found = tokenizer_source(cfg.data.dir, cfg.data.tokenizer, cfg.train.init_from)
+        if found and found[0] == "adapted":
+            found = ("transformers", adapted_tokenizer_dir(cfg))
         folder = Path(found[1]) if found and found[0] == "transformers" else Path(cfg.data.dir)
         names = TRANSFORMERS_TOKENIZER_FILES if folder != Path(cfg.data.dir) else ("tokenizer.model", "tokenizer.json")
         copied = []
@@ -285,10 +335,17 @@ class LladaRecipe(Recipe):
                               "LLaDA's released layout)")
         from framework.export import hf_io
 
-        tokenizer = Path(cfg.data.dir) / "tokenizer.model"
-        if not tokenizer.is_file():
-            print(f"warning: {tokenizer} not found: the export has no tokenizer", flush=True)
-        return hf_io.write(state_dict, cfg.model, out_dir, tokenizer if tokenizer.is_file() else None, source)
+        found = tokenizer_source(cfg.data.dir, cfg.data.tokenizer, cfg.train.init_from)
+        if found and found[0] != "sentencepiece":  # a transformers tokenizer (an adapted one too): its own files
+            written = hf_io.write(state_dict, cfg.model, out_dir, None, source) + self.export_assets(cfg, out_dir)
+        else:
+            tokenizer = Path(cfg.data.dir) / "tokenizer.model"
+            if not tokenizer.is_file():
+                print(f"warning: {tokenizer} not found: the export has no tokenizer", flush=True)
+            written = hf_io.write(state_dict, cfg.model, out_dir, tokenizer if tokenizer.is_file() else None, source)
+        if cfg.objective.name == "block_diffusion":  # the exported model attends block-causally (LLaDA2Pipeline)
+            record_block_size(out_dir, cfg.objective.block_size)
+        return written
 
     def initial_weights(self, cfg: LladaConfig, path: str) -> dict:
         """Also a Hugging Face folder (`--format hf`, or one transformers saved after fine-tuning). init_std and
@@ -298,8 +355,16 @@ class LladaRecipe(Recipe):
         from framework.init_from import check_model_config, read_ours
 
         free = ("init_std", "max_seq_len", "activation_checkpointing")
-        from framework.export import llada_io
+        from framework.export import hf_ar_io, llada_io
 
+        if hf_ar_io.is_ar_folder(path):  # validate() took the shape from config.json and the mask from the tokenizer
+            state, found = hf_ar_io.read(path)
+            if cfg.model.vocab_size == found.vocab_size + 1:  # the mask token took a new row (tokenizer.plan_mask)
+                state = hf_ar_io.grow_vocab(state, cfg.model.vocab_size)
+                found.vocab_size = cfg.model.vocab_size
+            check_model_config(to_dict(cfg.model), to_dict(found), Path(path) / "config.json",
+                               ignore=(*free, "mask_id", "causal"))
+            return state
         if llada_io.is_llada_folder(path):  # validate() already took the model shape from its config.json
             state, found = llada_io.read(path)
             check_model_config(to_dict(cfg.model), to_dict(found), Path(path) / "config.json", ignore=free)
@@ -319,6 +384,8 @@ def check_shard_ids(cfg: LladaConfig, tok: TextTokenizer) -> None:
     except (OSError, json.JSONDecodeError):
         return  # the stream reports a missing or broken index with its own message
     for key, ours in (("eos_id", tok.eos_id), ("mask_id", tok.mask_id), ("vocab_size", tok.vocab_size)):
+        if key == "vocab_size" and recorded.get(key) == tok.base_vocab_size:
+            continue  # written with the folder's tokenizer before its mask token was added: the same ids
         if recorded.get(key) is not None and recorded[key] != ours:
             raise ConfigError(f"{index} was tokenised with {key}={recorded[key]} (tokenizer "
                               f"{recorded.get('tokenizer')}) but the run's tokenizer {tok.source} has {ours}")
@@ -350,6 +417,37 @@ def adopt_llada_shape(cfg: LladaConfig) -> None:
         print(f"model config from {source}: {', '.join(changed)}", flush=True)
 
 
+def adopt_ar_shape(cfg: LladaConfig) -> None:
+    """`train.init_from` = a transformers Llama / Qwen2 folder: the model's shape comes from its config.json
+    (hf_ar_io.model_fields, max_seq_len from max_position_embeddings) and its vocabulary size and mask id from
+    the folder's tokenizer with a mask token (tokenizer.plan_mask: the tokenizer's own, a spare row, or one more
+    row). Changes to the preset are printed, the mask id's too; `model.causal` stays the user's (false: masked
+    diffusion)."""
+    from framework.export import hf_ar_io
+
+    raw = hf_ar_io.read_raw_config(cfg.train.init_from) if cfg.train.init_from else None
+    if raw is None:
+        return
+    source = Path(cfg.train.init_from) / "config.json"
+    try:
+        found = hf_ar_io.model_fields(raw, source)
+        tok, plan = adapt_tokenizer(cfg.train.init_from, found["vocab_size"])
+    except ValueError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
+    # The folder decides the mask id as it decides the shape (a LLaDA folder does the same): a preset's value, e.g.
+    # llada_8b_sft.yaml's LLaDA id, is replaced and the change printed, so one preset serves every source.
+    found.update(vocab_size=plan.vocab_size, mask_id=plan.mask_id)
+    changed = [f"{k} {getattr(cfg.model, k)} -> {v}" for k, v in found.items() if getattr(cfg.model, k) != v]
+    try:
+        cfg.model = LladaModelConfig(**{**to_dict(cfg.model), **found})
+    except ValueError as e:
+        raise ConfigError(f"train.init_from: {source}: {e}") from None
+    if changed and os.environ.get("RANK", "0") == "0":  # before dist.init: once per job, not per rank
+        row = "a spare embedding row" if plan.vocab_size == raw["vocab_size"] else "one more embedding row"
+        print(f"model config from {source} and its tokenizer: {', '.join(changed)}"
+              + (f" ({LLADA_MASK_TOKEN} added at id {plan.mask_id}: {row})" if plan.added else ""), flush=True)
+
+
 def export_llada(state: dict, cfg: LladaConfig, out_dir: str) -> list[str]:
     """LLaDA's layout; with train.init_from a LLaDA folder, its config fields, shards and files are kept."""
     from framework.export import llada_io
@@ -357,8 +455,12 @@ def export_llada(state: dict, cfg: LladaConfig, out_dir: str) -> list[str]:
     folder = cfg.train.init_from if cfg.train.init_from and llada_io.is_llada_folder(cfg.train.init_from) else None
     if folder is None:
         print("warning: train.init_from is no LLaDA folder: writing config.json and one model.safetensors only "
-              "(add the release's tokenizer and modeling files to load it with trust_remote_code)", flush=True)
+              "(add the release's modeling files to load it with trust_remote_code)", flush=True)
     try:
-        return llada_io.write(state, cfg.model, out_dir, folder)  # in the dtype launch/export.py cast to
+        written = llada_io.write(state, cfg.model, out_dir, folder)  # in the dtype launch/export.py cast to
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"--format llada: {e}") from None
+    found = tokenizer_source(cfg.data.dir, cfg.data.tokenizer, cfg.train.init_from)
+    if folder is None and found and found[0] != "sentencepiece":  # e.g. an adapted Qwen2's, with its mask token
+        written += LladaRecipe().export_assets(cfg, out_dir)
+    return written

@@ -1,4 +1,5 @@
-"""3-D spacetime-patch video DiT: patch embedding, 3-D RoPE, adaLN-Zero, cross-attention to text.
+"""3-D spacetime-patch video DiT: patch embedding, 3-D RoPE, adaLN-Zero, text by cross-attention (default) or
+SD3-style joint attention (`model.text_mode: joint`, MMDiT blocks with a text stream of their own).
 
 `VideoDiTConfig` is also the `model:` section of the recipe for `model.arch: wan` (recipes/video_dit/wan.py).
 """
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from framework.config import ConfigError
 from framework.nn import sequence_parallel
 from framework.nn.checkpointing import CheckpointingMode, normalise_mode, run_block, should_checkpoint
-from framework.nn.dit import DiTBlock, FinalLayer, TimestepEmbedder, patchify, unpatchify
+from framework.nn.dit import DiTBlock, FinalLayer, JointBlock, TimestepEmbedder, patchify, unpatchify
 from framework.nn.init import gathered_for_init, xavier_linears
 from framework.nn.rope_nd import default_bands, grid_positions, rope_nd
 from recipes.video_dit.wan import WanConfig
@@ -42,6 +43,9 @@ class VideoDiTConfig:
     rope_theta: float = 10000.0
     text_dim: int = 128  # width of the text encoder's output
     timestep_scale: float = 1000.0  # diffusion t in [0, 1] is embedded as t * timestep_scale
+    # cross: video tokens cross-attend to the text (DiT/Wan). joint: SD3's MMDiT, one attention over text and
+    # video tokens with per-stream weights; the text stream is updated in every block but the last.
+    text_mode: Literal["cross", "joint"] = "cross"
     # none | full | every_k: blocks recomputed in backward (long clips at 480p and up); true/false = full/none
     activation_checkpointing: CheckpointingMode = "none"
     activation_checkpointing_every: int = 2  # every_k: blocks 0, k, 2k, ...
@@ -54,6 +58,8 @@ class VideoDiTConfig:
     def __post_init__(self) -> None:
         self.activation_checkpointing = normalise_mode(self.activation_checkpointing,
                                                        self.activation_checkpointing_every)
+        if self.text_mode not in ("cross", "joint"):
+            raise ConfigError(f"model.text_mode: {self.text_mode!r} is not one of ['cross', 'joint']")
         if self.arch == "wan":
             self._follow_wan()
         if self.dim % self.heads:
@@ -81,6 +87,8 @@ class VideoDiTConfig:
                 if value != default and value != getattr(self.wan, wan_name):
                     problems.append(f"model.{f.name}={value} differs from model.wan.{wan_name}="
                                     f"{getattr(self.wan, wan_name)}")
+            elif f.name == "text_mode" and value != default:
+                problems.append(f"model.text_mode={value}: Wan2.1 has cross-attention only (text_mode=cross)")
             elif value != default:
                 where = f"model.wan.{WAN_NAME[f.name]}" if f.name in WAN_NAME else "no Wan equivalent"
                 problems.append(f"model.{f.name}={value} is a model.arch=dit setting (arch=wan: {where})")
@@ -104,7 +112,16 @@ class VideoDiT(nn.Module):
         self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim)
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
                                        nn.Linear(cfg.dim, cfg.dim))
-        self.blocks = nn.ModuleList(DiTBlock(cfg.dim, cfg.heads, cfg.ffn_hidden, cfg.qk_norm) for _ in range(cfg.depth))
+        self.joint = cfg.text_mode == "joint"
+        if self.joint:
+            check_joint_unsharded()
+            # The text stream's adaLN, from the same timestep embedding (shared projection, per-block biases).
+            self.text_time_proj = nn.Linear(cfg.dim, 6 * cfg.dim)
+            self.blocks = nn.ModuleList(JointBlock(cfg.dim, cfg.heads, cfg.ffn_hidden, cfg.qk_norm,
+                                                   update_text=i < cfg.depth - 1) for i in range(cfg.depth))
+        else:
+            self.blocks = nn.ModuleList(DiTBlock(cfg.dim, cfg.heads, cfg.ffn_hidden, cfg.qk_norm)
+                                        for _ in range(cfg.depth))
         self.final = FinalLayer(cfg.dim, cfg.in_channels * self.patch[0] * self.patch[1] * self.patch[2])
         with gathered_for_init(self):
             self._init_weights()
@@ -113,6 +130,9 @@ class VideoDiT(nn.Module):
         xavier_linears(self)
         nn.init.zeros_(self.time_proj.weight)  # adaLN-Zero: every block starts as the identity
         nn.init.zeros_(self.time_proj.bias)
+        if self.joint:
+            nn.init.zeros_(self.text_time_proj.weight)
+            nn.init.zeros_(self.text_time_proj.bias)
         for layer in (self.final.modulation, self.final.proj):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -131,6 +151,10 @@ class VideoDiT(nn.Module):
         time6 = self.time_proj(nn.functional.silu(c)).unflatten(1, (6, -1))
         context = self.text_proj(text)
         rope = self.rope(grid, x.device)
+        if self.joint:
+            check_joint_unsharded()
+            out = self._joint_blocks(tokens, context, c, time6, rope, text_mask)
+            return unpatchify(self.final(out, c), grid, self.patch, self.cfg.in_channels)
         # Under train.sequence_parallel each rank keeps 1/N of the tokens, with the full grid's RoPE sliced alike.
         tokens, rope = sequence_parallel.shard_tokens(tokens, rope, what=f"the latent grid {grid}")
         for i, block in enumerate(self.blocks):
@@ -141,18 +165,44 @@ class VideoDiT(nn.Module):
         out = sequence_parallel.gather(self.final(tokens, c), 1)  # the full output on every rank of the group
         return unpatchify(out, grid, self.patch, self.cfg.in_channels)
 
+    def _joint_blocks(self, tokens: Tensor, context: Tensor, c: Tensor, time6: Tensor, rope: tuple[Tensor, Tensor],
+                      text_mask: Tensor | None) -> Tensor:
+        """text_mode=joint: both streams through the MMDiT blocks -> the video tokens."""
+        text_time6 = self.text_time_proj(nn.functional.silu(c)).unflatten(1, (6, -1))
+        for i, block in enumerate(self.blocks):
+            recompute = self.training and should_checkpoint(
+                self.cfg.activation_checkpointing, self.cfg.activation_checkpointing_every, i)
+            tokens, context = run_block(block, tokens, context, time6, text_time6, rope, text_mask,
+                                        checkpoint=recompute)
+        return tokens
+
+
+def check_joint_unsharded() -> None:
+    """Joint attention is not wired through Ulysses' all-to-all (the unsharded text tokens would need their own
+    head split and an all-gather of their outputs): refuse it under train.sequence_parallel rather than compute
+    attention over the wrong keys."""
+    if sequence_parallel.active():
+        raise ConfigError(f"model.text_mode=joint does not support train.sequence_parallel="
+                          f"{sequence_parallel.size()}; use text_mode=cross or sequence_parallel=1")
+
 
 def count_parameters(cfg: VideoDiTConfig) -> int:
     """Parameters of the DiT (without the text encoder), from the shapes alone."""
     d, f, p = cfg.dim, cfg.ffn_hidden, cfg.patch[0] * cfg.patch[1] * cfg.patch[2]
     attn = 4 * d * d + 4 * d
     norms = 2 * cfg.head_dim if cfg.qk_norm else 0
-    block = 2 * (attn + norms) + 2 * d + (2 * d * f + f + d) + 6 * d
+    mlp = 2 * d * f + f + d
+    if cfg.text_mode == "joint":  # per stream: qkv + qk norms (+ out, MLP, 6 modulation rows unless last text)
+        stream = attn + norms + mlp + 6 * d
+        last_text = 2 * d * d + 2 * d + norms // 2 + 2 * d  # keys and values only
+        blocks = cfg.depth * stream + (cfg.depth - 1) * stream + last_text + (6 * d * d + 6 * d)
+    else:
+        blocks = cfg.depth * (2 * (attn + norms) + 2 * d + mlp + 6 * d)
     patch_embed = cfg.in_channels * p * d + d
     time = (256 * d + d + d * d + d) + (6 * d * d + 6 * d)
     text = cfg.text_dim * d + d + d * d + d
     final = 2 * d * d + 2 * d + d * cfg.in_channels * p + cfg.in_channels * p
-    return cfg.depth * block + patch_embed + time + text + final
+    return blocks + patch_embed + time + text + final
 
 
 def train_flops_per_sample(cfg: VideoDiTConfig, latent_shape: tuple[int, int, int], text_len: int) -> float:
@@ -160,6 +210,11 @@ def train_flops_per_sample(cfg: VideoDiTConfig, latent_shape: tuple[int, int, in
     t, h, w = latent_shape
     n = (t // cfg.patch[0]) * (h // cfg.patch[1]) * (w // cfg.patch[2])
     d, f = cfg.dim, cfg.ffn_hidden
+    if cfg.text_mode == "joint":  # both streams' matmuls; attention over n + text_len tokens
+        s, k = text_len, cfg.depth
+        matmuls = k * n * (4 * d * d + 2 * d * f) + (k - 1) * s * (4 * d * d + 2 * d * f) + s * 2 * d * d
+        scores = 2 * 2 * d * (n + s) * ((k - 1) * (n + s) + n)  # the last block has video queries only
+        return 3.0 * (2 * matmuls + scores)
     block_matmuls = 4 * d * d + 2 * d * f + 2 * d * d  # self qkv/out, MLP, cross q/out (kv runs on the text)
     cross_kv = 2 * d * d * text_len
     attention = 2 * 2 * n * n * d + 2 * 2 * n * text_len * d  # QK^T and AV, self and cross
