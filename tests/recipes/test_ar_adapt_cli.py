@@ -134,3 +134,24 @@ def test_qwen2_lora_under_zero3_keeps_the_imported_base_and_peft_and_merged_expo
     assert not torch.allclose(plain, expected, atol=1e-4)  # the adapters moved
     torch.testing.assert_close(adapted, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(merged, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset, extra", [("llada_8b_sft_lora.yaml", []),
+                                           ("llada_8b_sft.yaml", ["objective.shift=true", "objective.anneal_steps=4"])])
+def test_the_readmes_released_model_commands_run_tiny(qwen, tmp_path, preset, extra):
+    """README "Fine-tune a released model": the 8B presets themselves, with only the folder, data and a CPU-sized
+    batch changed; the model's shape and mask id come from the (tiny) folder, as they would from the released one."""
+    import subprocess
+
+    from tests.runs import env
+
+    folder, data, tok = qwen
+    run = tmp_path / "run"
+    args = [str(ROOT / "recipes/llada/configs" / preset), f"train.init_from={folder}", f"data.dir={data}",
+            f"run_dir={run}", "data.seq_len=64", "train.steps=2", "train.global_batch=2", "train.micro_batch=2",
+            "eval.at_end=false", "checkpoint.every=0", "log.every=1", *extra]
+    out = subprocess.run([sys.executable, "launch/train.py", *args], cwd=ROOT, env=env(), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"mask_id 126336 -> {len(tok)}" in out.stdout  # the preset's LLaDA id replaced by the folder's
+    assert sorted(losses(run)) == [1, 2] and all(v == v for v in losses(run).values())
