@@ -116,9 +116,12 @@ def test_lora_costs_frozen_weights_but_no_optimizer_for_them():
 
 
 PRESETS = sorted(glob.glob(str(ROOT / "recipes/*/configs/*.yaml")))
+# video_distill takes its model from a trained teacher run, which the planner cannot read before one exists: it says
+# so in one line (a config error), tested below; planning it is left open (issue 13 note).
+PLANNED = [p for p in PRESETS if "/video_distill/" not in p]
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=[Path(p).parent.parent.name + "/" + Path(p).stem for p in PRESETS])
+@pytest.mark.parametrize("preset", PLANNED, ids=[Path(p).parent.parent.name + "/" + Path(p).stem for p in PLANNED])
 def test_plan_runs_for_every_preset(preset):
     lines = plan_cli.plan(preset, [], gpus=8, gpu_memory=80.0)
     verdicts = [line for line in lines if line.endswith(("fits", "does not fit"))]
@@ -170,3 +173,10 @@ def test_train_plan_flag_delegates_to_the_planner():
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "64x64x17:8" in out.stdout and "does not fit" in out.stdout and "no bucket fits" in out.stdout
+
+
+def test_the_distillation_preset_is_refused_in_one_line():
+    from framework.config import ConfigError
+
+    with pytest.raises(ConfigError, match="video_distill"):
+        plan_cli.plan(str(ROOT / "recipes/video_distill/configs/tiny.yaml"), [], gpus=8, gpu_memory=80.0)
