@@ -74,8 +74,21 @@ def task_prompts(data_dir: str, count: int) -> tuple[list[str], list[str]]:
     return [r["prompt"] for r in rows[:count]], [r["response"] for r in rows[:count]]
 
 
-def variants(args: argparse.Namespace) -> dict[str, DecodeConfig | BlockDecodeConfig | None]:
-    common = dict(gen_length=args.gen_length, block_length=args.block_length)
+def run_decoding(cfg) -> dict:
+    """How the masked run's own decoders read its logits: objective.shift (a Dream-style model adapted from an AR
+    one predicts token i + 1 at position i) and sample.confidence (resolved from "auto" when the run loaded)."""
+    if cfg is None:  # --random-shape
+        return {}
+    out = {"shift": bool(getattr(cfg.objective, "shift", False))}
+    if cfg.sample.confidence != "auto":
+        out["confidence"] = cfg.sample.confidence
+    return out
+
+
+def variants(args: argparse.Namespace, masked_cfg=None) -> dict[str, DecodeConfig | BlockDecodeConfig | None]:
+    """The decoders to run. masked_cfg: the masked run's config, whose logit alignment every masked decoder uses
+    (without it a shifted run would be decoded one column off: wrong tokens, silently)."""
+    common = dict(gen_length=args.gen_length, block_length=args.block_length, **run_decoding(masked_cfg))
     out: dict[str, DecodeConfig | BlockDecodeConfig | None] = {} if not (args.masked or args.random_shape) else {
         "reference": DecodeConfig(**common, steps=args.gen_length),
         "threshold": DecodeConfig(**common, threshold=args.threshold),
@@ -90,6 +103,16 @@ def variants(args: argparse.Namespace) -> dict[str, DecodeConfig | BlockDecodeCo
         out["block_diffusion"] = BlockDecodeConfig(gen_length=args.gen_length, block_size=args.block_size,
                                                    steps=args.block_steps or args.block_size, threshold=args.threshold)
     return out
+
+
+def decode_with(dcfg, models: dict, ids, mask, *, gen_length: int, mask_id: int, eos_id: int):
+    """One batch through one decoder: None is the AR twin, a BlockDecodeConfig the block-diffusion model, a
+    DecodeConfig the masked model."""
+    if dcfg is None:
+        return decode_autoregressive(models["ar"], ids, mask, gen_length, eos_id=eos_id)
+    if isinstance(dcfg, BlockDecodeConfig):
+        return block_decode(models["block_diffusion"], ids, mask, dcfg, mask_id=mask_id, eos_id=eos_id)
+    return decode(models["masked"], ids, mask, dcfg, mask_id=mask_id, eos_id=eos_id)
 
 
 def _sync(device: torch.device) -> None:
@@ -129,7 +152,8 @@ def run(args: argparse.Namespace) -> dict:
         prompts, references = task_prompts(data_dir, args.prompts)
         prompts_ids, eos_id, pad_id = [sp.encode(p) for p in prompts], sp.eos_id(), max(sp.pad_id(), 0)
     mask_id = cfg.model.mask_id
-    names = variants(args)
+    models = {"masked": masked, "ar": ar_model, "block_diffusion": bd_model}
+    names = variants(args, cfg if args.masked else None)
     stats = {name: {"seconds": 0.0, "tokens": 0, "correct": 0, "forwards": 0} for name in names}
     for lo in range(0, len(prompts_ids), args.batch_size):
         ids, mask = left_pad_prompts(prompts_ids[lo:lo + args.batch_size], pad_id)
@@ -137,12 +161,7 @@ def run(args: argparse.Namespace) -> dict:
         for name, dcfg in names.items():
             _sync(device)
             start = time.perf_counter()
-            if dcfg is None:
-                out = decode_autoregressive(ar_model, ids, mask, args.gen_length, eos_id=eos_id)
-            elif isinstance(dcfg, BlockDecodeConfig):
-                out = block_decode(bd_model, ids, mask, dcfg, mask_id=mask_id, eos_id=eos_id)
-            else:
-                out = decode(masked, ids, mask, dcfg, mask_id=mask_id, eos_id=eos_id)
+            out = decode_with(dcfg, models, ids, mask, gen_length=args.gen_length, mask_id=mask_id, eos_id=eos_id)
             _sync(device)
             s = stats[name]
             s["seconds"] += time.perf_counter() - start
