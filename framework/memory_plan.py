@@ -5,7 +5,8 @@ Three parts, each a plain function:
   (cross-checked against `estimate_zero2/3_model_states_mem_needs` in tests/unit/test_memory_plan.py);
 - activations = the bytes autograd saves for backward, MEASURED by one forward on the `meta` device at the
   real shape and dtype under `saved_tensors_hooks` (no memory is allocated), attributed per block so that
-  activation checkpointing and sequence parallelism are computed from one measurement;
+  activation checkpointing and sequence parallelism are computed from one measurement; no-grad forwards that
+  run before it (a distillation teacher's) by their peak of live tensors (`measure_peak`), the larger counting;
 - the fit search: the cheapest change of setting that makes a bucket fit, each candidate checked by the
   same estimator.
 
@@ -15,6 +16,7 @@ Nothing here knows a recipe: the caller gives the model, its transformer blocks 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -22,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 GIB = 1024**3
 
@@ -90,13 +94,15 @@ class SavedProfile:
     outside: saved outside every block (embeddings, loss, inputs); blocks[i]: saved while block i ran;
     shared_inputs: block arguments that something saved too (rope tables, text states, the residual stream
     between blocks): alive whether or not blocks are checkpointed; block_inputs[i]: block i's other tensor
-    arguments, which only a checkpointed block keeps.
+    arguments, which only a checkpointed block keeps; masks[i]: the explicit attention masks among blocks[i] (as
+    SDPA's masked kernels save them, additive), which sequence parallelism does not split (on meta only).
     """
 
     outside: int = 0
     blocks: list[int] = field(default_factory=list)
     block_inputs: list[int] = field(default_factory=list)
     shared_inputs: int = 0
+    masks: list[int] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -112,7 +118,14 @@ def _storage_key(t: torch.Tensor) -> int:
 class _FlashLikeAttention(TorchFunctionMode):
     """On meta, SDPA takes the math path and would save the (L x L) scores; training on GPUs runs flash /
     memory-efficient kernels that save q, k, v, out and the log-sum-exp. Route SDPA to the CPU flash kernel,
-    which saves exactly those (and is what a real CPU forward without a mask runs), so meta equals the GPU."""
+    which saves exactly those (and is what a real CPU forward without a mask runs), so meta equals the GPU.
+    With an explicit mask (no flash kernel on GPUs) the memory-efficient kernel saves the additive mask too, as the
+    CPU kernel does: given `masks`, it is recorded there by storage (and held, so no later tensor reuses its address;
+    measure_peak gives none, since holding them would change the peak it measures)."""
+
+    def __init__(self, masks: dict[int, torch.Tensor] | None = None):
+        super().__init__()
+        self.masks = masks
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -121,6 +134,8 @@ class _FlashLikeAttention(TorchFunctionMode):
             mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
             if mask is not None and mask.dtype == torch.bool:  # SDPA turns a bool mask into an additive one first
                 mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+            if mask is not None and self.masks is not None:
+                self.masks[_storage_key(mask)] = mask
             out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, 0.0, bool(kwargs.get("is_causal", False)), attn_mask=mask, scale=kwargs.get("scale"))
             return out
@@ -141,6 +156,7 @@ def measure_saved(model: nn.Module, run: Callable[[nn.Module], torch.Tensor],
     arguments: dict[int, tuple[int, int]] = {}  # storage -> (bytes, first block taking it)
     keep: list[torch.Tensor] = []  # holds every storage seen, so none is freed and its address reused
     current = [-1]
+    masks: dict[int, torch.Tensor] = {}  # the attention masks SDPA was given on meta, by storage
 
     def pack(t: torch.Tensor):
         key = _storage_key(t)
@@ -164,23 +180,63 @@ def measure_saved(model: nn.Module, run: Callable[[nn.Module], torch.Tensor],
     handles = [h for i, b in enumerate(blocks)
                for h in (b.register_forward_pre_hook(enter(i), with_kwargs=True), b.register_forward_hook(leave))]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FlashLikeAttention(), torch.enable_grad():
+        with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FlashLikeAttention(masks),
+              torch.enable_grad()):
             run(model)
     finally:
         for h in handles:
             h.remove()
-    profile = SavedProfile(blocks=[0] * len(blocks), block_inputs=[0] * len(blocks))
+    profile = SavedProfile(blocks=[0] * len(blocks), block_inputs=[0] * len(blocks), masks=[0] * len(blocks))
     for key, (nbytes, owner) in saved.items():
         if key in arguments:
             profile.shared_inputs += nbytes
         elif owner >= 0:
             profile.blocks[owner] += nbytes
+            profile.masks[owner] += nbytes if key in masks else 0
         else:
             profile.outside += nbytes
     for key, (nbytes, first) in arguments.items():
         if key not in saved:
             profile.block_inputs[first] += nbytes
     return profile
+
+
+class _LivePeak(TorchDispatchMode):
+    """Live bytes of the storages created since entry, and their peak: each output storage counts from the op
+    that made it until it is freed (a weakref on the storage). An output on an input's storage (a view, an in-place
+    op) allocated nothing: views of parameters or of the caller's inputs never count, views of new ones count once."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = 0, 0
+        self._alive: dict[int, weakref.finalize] = {}
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._alive.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {_storage_key(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self._alive and key not in inputs:
+                    self.live += storage.nbytes()
+                    self._alive[key] = weakref.finalize(storage, self._free, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def measure_peak(run: Callable[[], object]) -> int:
+    """Peak bytes of the tensors a no-grad `run()` holds at once (what it allocates; its inputs made outside
+    are not counted). For forwards that save nothing, e.g. a distillation teacher's: their cost is the largest
+    set of intermediates alive together. Works on meta (nothing allocated); SDPA counted as flash kernels run it."""
+    with torch.no_grad(), _FlashLikeAttention(), _LivePeak() as tracker:
+        result = run()
+    del result
+    return tracker.peak
 
 
 def checkpointed_blocks(mode: str, n_blocks: int, every_k: int = 2) -> set[int]:
@@ -197,11 +253,18 @@ def checkpointed_blocks(mode: str, n_blocks: int, every_k: int = 2) -> set[int]:
 def activation_bytes(profile: SavedProfile, checkpointed: set[int], sp: int = 1) -> int:
     """Peak saved-activation bytes per rank: checkpointed blocks keep only their inputs, and backward recomputes
     one of them at a time (its own saved bytes on top). Sequence parallelism of degree sp splits every
-    token's activations sp ways (Ulysses: attention runs full length on heads / sp, same bytes)."""
+    token's activations sp ways (Ulysses: attention runs full length on heads / sp, same bytes), but not an
+    explicit attention mask: every rank attends the whole sequence under the whole mask."""
+    masks = profile.masks or [0] * len(profile.blocks)
+
+    def per_rank(nbytes: int, unsplit: int) -> int:
+        return -(-(nbytes - unsplit) // max(sp, 1)) + unsplit
+
     kept = profile.outside + profile.shared_inputs + sum(b for i, b in enumerate(profile.blocks) if i not in checkpointed)
     kept += sum(profile.block_inputs[i] for i in checkpointed)
-    recompute = max((profile.blocks[i] for i in checkpointed), default=0)
-    return -(-(kept + recompute) // max(sp, 1))
+    kept_masks = sum(m for i, m in enumerate(masks) if i not in checkpointed)
+    recompute = max((per_rank(profile.blocks[i], masks[i]) for i in checkpointed), default=0)
+    return per_rank(kept, kept_masks) + recompute
 
 
 # ---- a plan ------------------------------------------------------------------------------------------------
@@ -233,15 +296,23 @@ class Estimate:
     setting: Setting
     states: ModelStates
     activations: int
-    helpers: int = 0  # frozen helpers (VAE, text encoder) held whole on every rank, outside ZeRO
+    helpers: int = 0  # frozen helpers (VAE, text encoder, a teacher) held whole on every rank, outside ZeRO
+    # Peak of no-grad forwards run before the training forward (a distillation teacher's): their intermediates
+    # are freed before the student saves anything, so the larger of the two counts, not their sum.
+    transient: int = 0
+
+    @property
+    def working(self) -> int:
+        """Activation memory at the step's peak: the student's saved activations or the teacher's forward."""
+        return max(self.activations, self.transient)
 
     @property
     def overhead(self) -> int:
-        return CUDA_CONTEXT_BYTES + int(FRAGMENTATION * (self.states.gpu + self.activations + self.helpers))
+        return CUDA_CONTEXT_BYTES + int(FRAGMENTATION * (self.states.gpu + self.working + self.helpers))
 
     @property
     def total(self) -> int:
-        return self.states.gpu + self.activations + self.helpers + self.overhead
+        return self.states.gpu + self.working + self.helpers + self.overhead
 
     def fits(self, gpu_memory: int) -> bool:
         return self.total <= gpu_memory
@@ -249,14 +320,18 @@ class Estimate:
 
 # measure(micro_batch) -> SavedProfile of one micro-batch at that size (the caller caches it).
 Measure = Callable[[int], SavedProfile]
+# transient(micro_batch) -> peak bytes of the no-grad forwards of one micro-batch (a teacher's), whole sequence.
+Transient = Callable[[int], int]
 
 
 def estimate(setting: Setting, params: int, largest_layer: int, n_blocks: int, measure: Measure,
-             frozen: int = 0, helpers: int = 0) -> Estimate:
+             frozen: int = 0, helpers: int = 0, transient: Transient | None = None) -> Estimate:
     states = model_state_bytes(params, largest_layer, setting.zero_stage, setting.zero_shards, setting.precision,
                                setting.offload, frozen)
     ckpt = checkpointed_blocks(setting.checkpointing, n_blocks, setting.every_k) if n_blocks else set()
-    return Estimate(setting, states, activation_bytes(measure(setting.micro_batch), ckpt, setting.sp), helpers)
+    # A sequence-parallel model shards its tokens in every forward, a no-grad one too.
+    peak = -(-transient(setting.micro_batch) // max(setting.sp, 1)) if transient else 0
+    return Estimate(setting, states, activation_bytes(measure(setting.micro_batch), ckpt, setting.sp), helpers, peak)
 
 
 _LADDER: list[tuple[str, str, Callable[[Setting], Setting | None]]] = [
@@ -297,11 +372,11 @@ def _candidates(s: Setting, can_checkpoint: bool, max_gpus: int) -> list[tuple[s
 
 
 def cheapest_fit(setting: Setting, params: int, largest_layer: int, n_blocks: int, measure: Measure,
-                 gpu_memory: int, max_gpus: int = 4096, frozen: int = 0,
-                 helpers: int = 0) -> tuple[str, Estimate] | None:
+                 gpu_memory: int, max_gpus: int = 4096, frozen: int = 0, helpers: int = 0,
+                 transient: Transient | None = None) -> tuple[str, Estimate] | None:
     """The first candidate (cheapest first) whose estimate fits, with its estimate; None if none does."""
     for name, candidate in _candidates(setting, n_blocks > 0, max_gpus):
-        est = estimate(candidate, params, largest_layer, n_blocks, measure, frozen, helpers)
+        est = estimate(candidate, params, largest_layer, n_blocks, measure, frozen, helpers, transient)
         if est.fits(gpu_memory):
             return name, est
     return None

@@ -2,8 +2,10 @@
 
 Per rank: weights, gradients and optimizer state for the preset's ZeRO stage and offload, and the activations of
 each bucket (video: each data.buckets entry "HxWxF:B"; text: data.seq_len x train.micro_batch) measured by one
-forward on the `meta` device (nothing allocated, so 8B / 14B presets plan on a laptop); the frozen helpers (text
-encoder, VAE) whose folders exist, counted from their configs; the total against the
+forward on the `meta` device (nothing allocated, so 8B / 14B presets plan on a laptop; block diffusion's forward
+over [noised ; clean] with its mask); the frozen helpers (text encoder, VAE) whose folders exist, counted from their
+configs; for video_distill the student and frozen teacher as the teacher run's config (or, before it is trained,
+its video_dit preset) says, and the peak of one no-grad teacher forward; the total against the
 GPU's memory, the largest bucket that fits, and for the others the cheapest change that makes them fit.
 The arithmetic is framework/memory_plan.py; this file only builds each recipe's model and inputs.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from framework import memory_plan as mp
 from framework.config import ConfigError
@@ -108,12 +111,14 @@ def training_step(recipe, cfg, bucket: int, b: int, device: str = "meta"):
     def tensor(*shape, dtype=torch.float32):
         return _input(*shape, dtype=dtype, device=device)
 
+    if name == "llada" and cfg.objective.name == "block_diffusion":
+        return _block_diffusion_step(cfg, b, device)
     if name == "llada":
         def run(model):
             ids = torch.zeros(b, cfg.data.seq_len, dtype=torch.long, device=device)
             logits = model(ids)
             return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
-    elif name == "video_dit":
+    elif name in ("video_dit", "video_distill"):  # the distillation student trains as the DiT does
         def run(model):
             x = tensor(b, *recipe.latent_shape(cfg, bucket))
             text, mask = _text(model, cfg, b, device)
@@ -143,6 +148,59 @@ def training_step(recipe, cfg, bucket: int, b: int, device: str = "meta"):
     return run
 
 
+class _KnownMax(TorchFunctionMode):
+    """`positions.max()` of a meta long tensor is `value` (meta tensors hold no values, and the model reads the
+    largest position to check max_seq_len); every other call runs as it is."""
+
+    def __init__(self, value: int):
+        super().__init__()
+        self.value = value
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if (func is torch.Tensor.max and len(args) == 1 and not kwargs and args[0].is_meta
+                and not args[0].is_floating_point()):
+            return torch.tensor(self.value)
+        return func(*args, **(kwargs or {}))
+
+
+def _block_diffusion_step(cfg, b: int, device: str):
+    """BD3-LM's training forward as recipes/llada/objectives.block_diffusion runs it (block_logits): one pass over
+    [noised ; clean], 2 x data.seq_len tokens, under an explicit block-causal mask, so SDPA takes its masked path
+    (no flash kernel: the memory-efficient one on GPUs, which saves the mask made additive in every layer)."""
+    from recipes.llada.objectives import block_logits
+
+    length, sft = cfg.data.seq_len, cfg.data.kind == "sft"
+    # SFT rows hide a random tail (sft.random_length) and packed documents attend within themselves
+    # (data.doc_attention): both make the mask per row, (B, 2L, 2L) instead of (2L, 2L).
+    key_real = sft and cfg.sft.random_length
+    doc_ids = not sft and cfg.data.doc_attention
+
+    def run(model):
+        ids = torch.zeros(b, length, dtype=torch.long, device=device)
+        real = torch.ones(b, length, dtype=torch.bool, device=device) if key_real else None
+        docs = torch.zeros(b, length, dtype=torch.long, device=device) if doc_ids else None
+        with _KnownMax(length - 1):  # the clean copy repeats positions 0..L-1
+            logits = block_logits(cfg, model, ids, ids, real, docs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+    return run
+
+
+def teacher_step(recipe, cfg, bucket: int, b: int, device: str = "meta"):
+    """run(teacher) -> its output: the largest no-grad forward of video_distill's teacher_targets for one
+    micro-batch. Guidance batches the conditional and null halves (flow.euler_sample through guidance.guided):
+    one forward over 2B rows when every row falls in one segment (B at distill.cfg_scale 1), after the teacher's
+    own caption encoding. Each Euler step's forward is freed before the next: one forward's peak counts."""
+    rows = b if cfg.distill.cfg_scale == 1.0 else 2 * b
+
+    def run(teacher):
+        x = _input(b, *recipe.latent_shape(cfg, bucket), device=device)
+        text, mask = _text(teacher, cfg, b, device)
+        if rows > b:
+            x, text, mask = torch.cat([x, x]), torch.cat([text, text]), torch.cat([mask, mask])
+        return teacher(x, _input(rows, device=device), text, mask)
+    return run
+
+
 @dataclasses.dataclass
 class ModelProfile:
     params: int
@@ -150,6 +208,8 @@ class ModelProfile:
     frozen: int
     n_blocks: int
     measure_bucket: object  # (bucket index, micro-batch) -> SavedProfile, cached
+    teacher_params: int = 0  # video_distill: the frozen teacher (the student's architecture, whole on every rank)
+    teacher_peak: object = None  # (bucket index, micro-batch) -> bytes of its no-grad forward's peak, cached
 
 
 def profile_model(recipe, cfg) -> ModelProfile:
@@ -172,7 +232,61 @@ def profile_model(recipe, cfg) -> ModelProfile:
         if (bucket, b) not in cache:
             cache[bucket, b] = mp.measure_saved(model, training_step(recipe, plain, bucket, b), blocks)
         return cache[bucket, b]
-    return ModelProfile(params, largest, frozen, len(blocks), measure)
+    prof = ModelProfile(params, largest, frozen, len(blocks), measure)
+    if recipe.name == "video_distill":
+        prof.teacher_params, prof.teacher_peak = profile_teacher(recipe, plain)
+    return prof
+
+
+def profile_teacher(recipe, cfg) -> tuple[int, object]:
+    """video_distill's frozen teacher, built on meta as the recipe holds it (the student's architecture, eval, no
+    grads, the compute dtype): its parameter count and a cached measurer of its no-grad forward's peak."""
+    from recipes.video_dit.recipe import compute_dtype
+
+    with torch.device("meta"):
+        teacher = recipe.build_model(cfg).model
+    teacher = teacher.requires_grad_(False).eval().to(compute_dtype(cfg))
+    cache: dict = {}
+
+    def peak(bucket: int, b: int) -> int:
+        if (bucket, b) not in cache:
+            run = teacher_step(recipe, cfg, bucket, b)
+            cache[bucket, b] = mp.measure_peak(lambda: run(teacher))
+        return cache[bucket, b]
+    return _count(teacher), peak
+
+
+# ---- video_distill: the student's model comes from its teacher -------------------------------------------------
+def teacher_preset(teacher: str) -> str | None:
+    """The video_dit preset whose run dir (run_dir, else runs/<preset name>) is `teacher`: the run that trains it."""
+    from framework.config import read_preset
+
+    target = Path(teacher).resolve()
+    for preset in sorted(Path(__file__).resolve().parents[1].glob("recipes/video_dit/configs/*.yaml")):
+        run_dir = read_preset(str(preset)).get("run_dir") or f"runs/{preset.stem}"
+        if Path(run_dir).resolve() == target:
+            return str(preset)
+    return None
+
+
+def distill_student(cfg, recipe, world: int) -> str:
+    """Where a video_distill student's model, text, VAE and diffusion come from. The recipe adopts them from the
+    teacher run's config when it loads the config; before the teacher is trained (a fresh clone) from the video_dit
+    preset that trains it, adopted the same way; else a one-line ConfigError naming the missing path."""
+    from recipes.video_distill.recipe import adopt_teacher
+
+    teacher = cfg.distill.teacher
+    if Path(teacher).exists():
+        return f"student and frozen teacher: the architecture of the teacher run {teacher} (its config)"
+    preset = teacher_preset(teacher)
+    if preset is None:
+        raise ConfigError(f"distill.teacher: {teacher} does not exist and no recipes/video_dit/configs preset trains "
+                          f"it (run_dir): train the teacher first, or set distill.teacher to its run dir")
+    teacher_cfg, _ = load_run_config(preset, [], world)
+    adopt_teacher(cfg, dataclasses.asdict(teacher_cfg))
+    recipe.validate(cfg, world)  # the adopted sections checked as the recipe checks a teacher run's
+    return (f"student and frozen teacher: the architecture of {Path(preset).relative_to(Path(preset).parents[3])}, "
+            f"the preset of the teacher run {teacher} (not there yet)")
 
 
 # ---- frozen helpers: counted from their folders' configs, built on meta ---------------------------------------
@@ -242,7 +356,9 @@ def gib(n: float) -> str:
 
 def plan(preset: str, overrides: list[str], gpus: int, gpu_memory: float | None) -> list[str]:
     """The plan's printable lines (also what the tests read)."""
-    cfg, recipe = load_run_config(preset, overrides, world_to_check(preset, overrides, gpus))
+    world = world_to_check(preset, overrides, gpus)
+    cfg, recipe = load_run_config(preset, overrides, world)
+    source = distill_student(cfg, recipe, world) if recipe.name == "video_distill" else None
     capacity = int((gpu_memory if gpu_memory is not None else default_gpu_memory()) * GIB)
     prof = profile_model(recipe, cfg)
     t = cfg.train
@@ -253,6 +369,8 @@ def plan(preset: str, overrides: list[str], gpus: int, gpu_memory: float | None)
     compute_bytes = 2 if t.precision == "bf16" else 4
     vae_path = getattr(getattr(cfg, "vae", None), "path", "") or ""
     # A diffusers Wan VAE stays fp32 in bf16 runs (WanVAE.frozen_dtype); every other helper takes the compute dtype.
+    if prof.teacher_params:  # video_distill's frozen teacher: a helper in the compute dtype (recipe.teacher)
+        counted.append(("distill.teacher", prof.teacher_params))
     helper_bytes = sum(n * (4 if key == "vae.path" and vae_keeps_fp32(vae_path) else compute_bytes)
                        for key, n in counted)
     frozen = f" + {prof.frozen:,} frozen" if prof.frozen else ""
@@ -260,26 +378,35 @@ def plan(preset: str, overrides: list[str], gpus: int, gpu_memory: float | None)
              f"{prof.largest_layer:,}), {prof.n_blocks} blocks; {gpus} GPU(s) of {capacity / GIB:.1f} GiB, "
              f"ZeRO {base.zero_stage}{' + optimizer offload' if base.offload else ''}, {t.precision}, "
              f"activation checkpointing {base.checkpointing}, sequence parallel {base.sp} (data parallel {base.dp})",
+             *([source] if source else []),
              "per rank, GiB:",
              f"{'bucket':<24}{'weights':>9}{'grads':>9}{'optim':>9}{'gather':>9}{'helpers':>9}{'activ':>9}"
-             f"{'overhd':>9}{'total':>9}  verdict"]
+             + (f"{'teacher':>9}" if prof.teacher_peak else "") + f"{'overhd':>9}{'total':>9}  verdict"]
     results = []
     for i, (label, b) in enumerate(buckets(cfg, recipe)):
         setting = dataclasses.replace(base, micro_batch=b)
         measure = functools.partial(prof.measure_bucket, i)
+        transient = functools.partial(prof.teacher_peak, i) if prof.teacher_peak else None
         est = mp.estimate(setting, prof.params, prof.largest_layer, prof.n_blocks, measure, prof.frozen,
-                          helper_bytes)
+                          helper_bytes, transient)
         s = est.states
         ok = est.fits(capacity)
-        results.append((label, est, ok, setting, measure))
+        results.append((label, est, ok, setting, measure, transient))
         lines.append(f"{label:<24}{gib(s.weights)}{gib(s.grads)}{gib(s.optimizer)}{gib(s.gathered)}"
-                     f"{gib(est.helpers)}{gib(est.activations)}{gib(est.overhead)}{gib(est.total)}  "
-                     f"{'fits' if ok else 'does not fit'}")
+                     f"{gib(est.helpers)}{gib(est.activations)}" + (gib(est.transient) if transient else "")
+                     + f"{gib(est.overhead)}{gib(est.total)}  {'fits' if ok else 'does not fit'}")
     if any(r[1].states.cpu for r in results):
         lines.append(f"host memory per rank (offloaded optimizer + fp32 gradients): {results[0][1].states.cpu / GIB:.2f} GiB")
     lines.append(f"assumed overhead: {mp.CUDA_CONTEXT_BYTES / GIB:.0f} GiB CUDA context and workspaces + "
                  f"{mp.FRAGMENTATION:.0%} of states, helpers and activations for fragmentation; activations = bytes "
-                 f"saved for backward (flash-attention kernels)")
+                 f"saved for backward (flash-attention kernels)"
+                 + ("; block diffusion: one forward over [noised ; clean] = 2 x data.seq_len tokens under its "
+                    "block-causal mask (saved per layer, additive)" if getattr(getattr(cfg, "objective", None), "name",
+                                                                          "") == "block_diffusion" else ""))
+    if prof.teacher_peak:
+        lines.append(f"distill.teacher (frozen, no grads or optimizer): {prof.teacher_params:,} parameters in "
+                     f"{t.precision} among the helpers; 'teacher' = the peak of one no-grad guided teacher forward "
+                     f"(2 x micro-batch rows), freed before the student's forward: the larger of it and 'activ' counts")
     if counted or missing:
         kept = " (fp32)" if vae_keeps_fp32(vae_path) else ""
         lines.append("frozen helpers (whole on every rank, " + t.precision + "): "
@@ -289,15 +416,15 @@ def plan(preset: str, overrides: list[str], gpus: int, gpu_memory: float | None)
                         f"train.init_from=PIPELINE)" if missing else ""))
     fitting = [r for r in results if r[2]]
     if fitting:
-        largest = max(fitting, key=lambda r: r[1].activations)
+        largest = max(fitting, key=lambda r: r[1].working)
         lines.append(f"largest bucket that fits: {largest[0]} ({largest[1].total / GIB:.2f} of {capacity / GIB:.1f} GiB)")
     else:
         lines.append("no bucket fits as configured")
-    for label, _, ok, setting, measure in results:
+    for label, _, ok, setting, measure, transient in results:
         if ok:
             continue
         found = mp.cheapest_fit(setting, prof.params, prof.largest_layer, prof.n_blocks, measure, capacity,
-                                frozen=prof.frozen, helpers=helper_bytes)
+                                frozen=prof.frozen, helpers=helper_bytes, transient=transient)
         lines.append(f"{label}: fits with {found[0]} ({found[1].total / GIB:.2f} GiB)" if found
                      else f"{label}: no setting the planner tries makes it fit")
     return lines
