@@ -200,6 +200,30 @@ def needs_universal(ckpt: Path, world: int) -> bool:
     return meta["world_size"] != world and meta["zero_stage"] >= 1
 
 
+def holds_obsolete(ckpt: Path, model: torch.nn.Module) -> bool:
+    """A ZeRO 1-3 checkpoint whose optimizer holds a parameter the model now declares obsolete (`obsolete_keys`): its
+    flat partitions no longer fit the model, so it loads through the universal format (one folder per named
+    parameter), where the obsolete one is simply not read. A ZeRO-0 one is refused in one line (ConfigError).
+    Reads only the names (the file is memory-mapped)."""
+    obsolete = obsolete_keys(model)
+    if not obsolete:
+        return False
+    with safe_loading(ckpt):
+        states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True, mmap=True)
+    if read_meta(ckpt)["zero_stage"] == 0:  # no universal format: the optimizer's state is one list by position
+        found = [name for name in obsolete if name in (states.get("module") or {})]
+        if found:
+            raise ConfigError(f"resume={ckpt}: its ZeRO-0 optimizer state holds the obsolete weight '{found[0]}' "
+                              f"({obsolete[found[0]]}) and cannot be loaded around it; start from its weights "
+                              f"with train.init_from={ckpt} (a fresh optimizer) instead")
+        return False
+    found = [name for name in obsolete if any(name in group for group in states.get("param_shapes") or [])]
+    for name in found if dist.is_main() else []:
+        print(f"notice: resume from {ckpt}: the obsolete weight '{name}' is not loaded ({obsolete[name]}); "
+              "loading through the universal format", flush=True)
+    return bool(found)
+
+
 def make_universal(ckpt: Path) -> Path:
     """Convert (once, on rank 0; others wait) to DeepSpeed's universal format in `checkpoints/universal/`,
     outside the checkpoint namespace: a crash before the next save leaves only the real checkpoint to resume.
@@ -256,6 +280,50 @@ def load_engine(engine: Any, ckpt: Path, universal: bool) -> None:
                                          load_lr_scheduler_states=False, load_module_strict=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {src}")
+    if universal:
+        restore_frozen(engine.module, ckpt)
+
+
+def restore_frozen(module: torch.nn.Module, ckpt: Path) -> None:
+    """A universal checkpoint holds only the optimizer's parameters, so DeepSpeed leaves frozen ones (a LoRA run's
+    base) at the fresh model's init: copy them from the checkpoint's consolidated weights (ZeRO-3: rank 0 reads and
+    writes each gathered parameter, as train.init_from does)."""
+    frozen = [(name, p) for name, p in module.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return
+    from framework.export.safetensors_io import consolidated_state_dict  # it imports this module
+
+    zero3 = hasattr(frozen[0][1], "ds_id")
+    state = consolidated_state_dict(ckpt) if dist.is_main() or not zero3 else {}
+    for name, p in frozen:
+        if zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if dist.is_main():
+                    p.data.copy_(state[name])
+        else:
+            p.data.copy_(state[name])
+
+
+def obsolete_keys(model: torch.nn.Module) -> dict[str, str]:
+    """{full key: why} of the keys older versions of the model held and this one drops: each module's
+    `obsolete_keys` ({local key: why}; e.g. recipes/t2v_core.TextConditioned's `null_text`), under its prefix."""
+    found = {}
+    for prefix, module in model.named_modules():
+        for key, why in getattr(module, "obsolete_keys", {}).items():
+            found[f"{prefix}.{key}" if prefix else key] = why
+    return found
+
+
+def drop_obsolete(state: dict, obsolete: dict[str, str], source: str) -> dict:
+    """Remove (in place) the `obsolete` keys that `state` holds, with a one-line notice each (rank 0); every other
+    key is left for the caller's strict checks, so nothing else is ever dropped silently."""
+    for key in [k for k in obsolete if k in state]:
+        del state[key]
+        if dist.is_main():
+            print(f"notice: {source}: dropped the obsolete weight '{key}' ({obsolete[key]})", flush=True)
+    return state
 
 
 def make_head(ckpt: Path, run_dir: str) -> list[Path]:

@@ -113,6 +113,7 @@ def load(recipe: Any, cfg: RunConfig, model: torch.nn.Module) -> str:
     if not zero3 or dist.is_main():
         try:
             state = _fill_tied(model, recipe.initial_weights(cfg, path))
+            checkpoint.drop_obsolete(state, checkpoint.obsolete_keys(model), f"train.init_from={path}")
             _check_keys(model, state, path)
         except ConfigError as e:  # an unsafe checkpoint file too (checkpoint.UnsafeCheckpointError)
             error = str(e) if str(e).startswith("train.init_from") else f"train.init_from={path}: {e}"

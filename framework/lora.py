@@ -23,12 +23,15 @@ from framework.config import ConfigError, LoraConfig, RunConfig
 ADAPTER = "default"  # peft's adapter name inside the module tree
 # How a recipe's `--format hf` model names our modules (LLaDA's transformers classes hold ours as `.model`).
 HF_PREFIX = {"llada": "model."}
-# `lora.targets` when the section names none, per recipe or "recipe/model.arch": attention q/k/v/out and the FFN
-# Linears of the transformer blocks (the joint model's cross-modal attention too). Never a trainable text encoder,
-# embeddings or heads: name those to adapt them. The VAE recipes have no default (their layers are convolutions).
+# `lora.targets` when the section names none, per recipe, "recipe/model.arch" or "recipe/model.arch/model.text_mode"
+# (the most specific key wins): attention q/k/v/out and the FFN Linears of the transformer blocks (the joint model's
+# cross-modal attention too; both streams of an MMDiT block: video and text q/k/v, out, MLP). Never a trainable text
+# encoder, embeddings or heads: name those to adapt them. The VAE recipes have no default (their layers are
+# convolutions).
 DEFAULT_TARGETS = {
     "llada": ["blocks.*.attn.w?", "blocks.*.ffn.w?"],
     "video_dit/dit": ["dit.blocks.*.attn.*", "dit.blocks.*.cross.*", "dit.blocks.*.mlp.*"],
+    "video_dit/dit/joint": ["dit.blocks.*.video.*", "dit.blocks.*.text.*"],  # JointBlock's two _Streams
     "video_dit/wan": ["dit.blocks.*.self_attn.[qkvo]", "dit.blocks.*.cross_attn.[qkvo]", "dit.blocks.*.ffn.[02]"],
     "video_audio": ["dit.blocks.*.attn.*", "dit.blocks.*.cross.*", "dit.blocks.*.mlp.*"],
 }
@@ -43,8 +46,10 @@ def targets(cfg: RunConfig) -> list[str]:
     named = [t.strip() for t in cfg.lora.targets if t.strip()]
     if named:
         return named
-    arch = getattr(getattr(cfg, "model", None), "arch", None)
-    found = DEFAULT_TARGETS.get(f"{cfg.recipe}/{arch}", DEFAULT_TARGETS.get(cfg.recipe))
+    model = getattr(cfg, "model", None)
+    arch, text_mode = getattr(model, "arch", None), getattr(model, "text_mode", None)
+    keys = (f"{cfg.recipe}/{arch}/{text_mode}", f"{cfg.recipe}/{arch}", cfg.recipe)
+    found = next((DEFAULT_TARGETS[k] for k in keys if k in DEFAULT_TARGETS), None)
     if found is None:
         raise ConfigError(f"lora.targets: recipe '{cfg.recipe}' has no default targets; name the Linear modules "
                           "to adapt, e.g. lora.targets=[wq,wk,wv,wo]")

@@ -91,6 +91,8 @@ def train(cfg: RunConfig, recipe: Recipe) -> TrainResult:
     started = init_from.load(recipe, cfg, built.model) if cfg.train.init_from and ckpt is None else ""
     # LoRA goes on the loaded base weights, before DeepSpeed wraps the model: only adapters reach the optimizer.
     adapted = lora.apply(built.model, cfg)
+    if ckpt is not None and not universal and checkpoint.holds_obsolete(ckpt, built.model):
+        universal = ds_config["checkpoint"]["load_universal"] = True  # an older model's partitions: by name
     compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     helpers = freeze(recipe.build_helpers(cfg), device, compute_dtype)
     engine = engine_lib.initialize(built.model, cfg, ds_config, mpu=mpu)

@@ -18,8 +18,10 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import torch
 
+from framework import checkpoint
 from framework import distributed as dist
 from framework.config import ConfigError
+from framework.recipe import load_run_config
 from framework.trained import load_trained
 
 
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt:
         overrides.append(f"sample.prompts={args.prompt!r}")
     try:
+        check_prompts(args.checkpoint, overrides, args.prompt)
         run = load_trained(args.checkpoint, overrides, use_ema=not args.no_ema)
         helpers = run.recipe.build_helpers(run.cfg)  # frozen VAEs, text encoders: missing files are named here
     except (ConfigError, FileNotFoundError, ValueError) as e:
@@ -73,6 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     for line in lines:
         print(line)
     return 0
+
+
+def check_prompts(path: str, overrides: list[str], prompts: list[str]) -> None:
+    """The recipe's prompt checks (LLaDA: prompt + sample.gen_length within model.max_seq_len) from the run's
+    config alone, before any model is built or weights read: a ConfigError names the keys and values."""
+    ckpt = checkpoint.resolve(path, "")
+    cfg, recipe = load_run_config(checkpoint.read_meta(ckpt)["config"], list(overrides), world=1)
+    check = getattr(recipe, "check_sample_lengths", None)
+    if check is not None:
+        check(cfg, prompts or cfg.sample.prompts[: cfg.eval.samples])
 
 
 def write_latents(cfg, recipe, model, helpers: dict, prompts: list[str], out: Path) -> list[str]:

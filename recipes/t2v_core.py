@@ -42,6 +42,18 @@ class TextConditioned(nn.Module):
             self.null_text = nn.Parameter(torch.zeros(1, 1, text_dim))
         else:
             self.register_parameter("null_text", None)
+        # Keys older versions held that this module drops on load, with why (framework/checkpoint.drop_obsolete):
+        # frozen-encoder runs made before the null caption became the encoder's states of "" have a `null_text`.
+        self.obsolete_keys = {} if learned_null else {
+            "null_text": 'the null caption is now the text encoder\'s states of ""'}
+        self._register_load_state_dict_pre_hook(self._drop_obsolete)
+
+    def _drop_obsolete(self, state_dict: dict, prefix: str, *args) -> None:
+        """load_state_dict (resume, launch/sample.py) of an older checkpoint: only `obsolete_keys` are dropped, so
+        any other unexpected or missing key still fails a strict load."""
+        from framework.checkpoint import drop_obsolete
+
+        drop_obsolete(state_dict, {prefix + k: why for k, why in self.obsolete_keys.items()}, "checkpoint")
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -18,6 +18,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput, MaskedLMOutput
 
+from framework.diffusion.masked import shift_logits
 from framework.export.hf_io import MODEL_TYPE
 from framework.nn.layers import RMSNorm
 from framework.nn.llada import LladaModel, LladaModelConfig
@@ -60,6 +61,11 @@ class LladaHFConfig(PretrainedConfig):
     # > 0: a block-diffusion LM (objective.name=block_diffusion): attention is block-causal over blocks of this many
     # positions (a token sees its own block and earlier ones), as diffusers' LLaDA2Pipeline expects of its model.
     block_size: int = 0
+    # True: a Dream-style model (objective.shift, adapted from an AR one): the network's output at position i predicts
+    # token i + 1. `LladaForMaskedLM` returns its logits aligned with the tokens they predict (position j holds the
+    # output at j - 1, position 0 its own), as our training and decoders read them; `AutoModel`'s hidden states are
+    # per position, unshifted. Exports written before this field read as False, which they were.
+    shift: bool = False
 
     def validate_architecture(self) -> None:
         self.model_config()  # LladaModelConfig's own checks (heads divide dim, even head_dim, mask id)
@@ -158,12 +164,17 @@ class _LladaWithHead(LladaPreTrainedModel):
 class LladaForMaskedLM(_LladaWithHead):
     """`AutoModelForMaskedLM`: the masked-diffusion LM; logits at every position (fill `<mask>` tokens).
 
-    `labels` (-100 = ignored) give the plain cross-entropy over the labelled positions, not the diffusion ELBO.
+    `logits[:, j]` always predict token j: with `config.shift` (a Dream-style model, whose output at i predicts
+    token i + 1) they are the network's outputs moved one position right, so filling a `<mask>` at j reads
+    `logits[:, j]` either way. `labels` (-100 = ignored) give the plain cross-entropy over the labelled positions,
+    not the diffusion ELBO.
     """
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 labels: Tensor | None = None, return_dict: bool | None = None, **kwargs) -> MaskedLMOutput | tuple:
         logits = self._logits(input_ids, attention_mask, position_ids)
+        if self.config.shift:  # aligned with the tokens they predict, as recipes/llada/objectives.diffusion_logits
+            logits = shift_logits(logits)
         loss = None if labels is None else F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
         if return_dict is False:
             return (logits,) if loss is None else (loss, logits)

@@ -109,6 +109,41 @@ def record_block_size(out_dir: str, block_size: int) -> None:
     path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
 
+def record_shift(out_dir: str, shift: bool) -> None:
+    """config.json of an `--format hf` export gets `shift` (objective.shift): its output at i predicts token i + 1,
+    and `LladaForMaskedLM` then returns logits aligned with the tokens they predict, as our decoders read them."""
+    path = Path(out_dir) / "config.json"
+    raw = json.loads(path.read_text())
+    raw["shift"] = bool(shift)
+    path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def prompt_room(cfg: LladaConfig) -> int:
+    """The most prompt tokens a decode of sample.gen_length fits in model.max_seq_len (RoPE positions); block
+    diffusion decodes whole blocks of objective.block_size, so its last block's tail must fit too."""
+    block = cfg.objective.block_size if cfg.objective.name == "block_diffusion" else 1
+    return cfg.model.max_seq_len // block * block - cfg.sample.gen_length
+
+
+def too_long_prompt(cfg: LladaConfig, lengths: list[int], texts: list[str]) -> str | None:
+    """A one-line reason when a prompt of these token counts cannot be decoded within model.max_seq_len, else None."""
+    room = prompt_room(cfg)
+    for n, text in zip(lengths, texts):
+        if n > room:
+            blocks = (f", in blocks of objective.block_size={cfg.objective.block_size}"
+                      if cfg.objective.name == "block_diffusion" else "")
+            return (f"sample.gen_length={cfg.sample.gen_length} + the prompt's {n} tokens ({text!r}) exceed "
+                    f"model.max_seq_len={cfg.model.max_seq_len}{blocks}: lower sample.gen_length to at most "
+                    f"{room + cfg.sample.gen_length - n}" + (f" or shorten the prompt to {room} tokens" if room > 0 else ""))
+    return None
+
+
+def fit_prompts(prompts: list[list[int]], room: int) -> tuple[list[list[int]], list[bool]]:
+    """Prompts cut to their last `room` tokens (so every rank decodes as many rows as before) and which were cut."""
+    cut = [len(p) > room for p in prompts]
+    return [p[len(p) - room:] if c else p for p, c in zip(prompts, cut)], cut
+
+
 def adapted_tokenizer_dir(cfg: LladaConfig) -> str:
     """RUN_DIR/tokenizer: train.init_from's Llama / Qwen2 tokenizer with the mask token, saved with the run."""
     from framework.export import hf_ar_io
@@ -200,9 +235,22 @@ class LladaRecipe(Recipe):
 
     def build_data(self, cfg: LladaConfig, split: str, rank: int, world: int, batch_multiple: int = 1):
         self.check_tokenizer(cfg)
+        if split == "train" and (cfg.eval.every or cfg.eval.at_end) and cfg.eval.samples > 0:
+            self.check_sample_lengths(cfg, cfg.sample.prompts[: cfg.eval.samples])  # now, not at the first eval
+            if cfg.data.kind == "sft" and prompt_room(cfg) < 1:  # held-out prompts are decoded for exact_match
+                raise ConfigError(too_long_prompt(cfg, [1], ["a held-out prompt"]))
         if split == "train" and (cfg.eval.every or cfg.eval.at_end):
             self._stream(cfg, "val", rank, world, 1)  # a held-out set too small fails now, not after training
         return self._stream(cfg, split, rank, world, batch_multiple)
+
+    def check_sample_lengths(self, cfg: LladaConfig, prompts: list[str]) -> None:
+        """ConfigError (one line naming sample.gen_length, the prompt's token count and model.max_seq_len) when a
+        prompt plus the generation would not fit the model's positions; launch/sample.py calls it before any model
+        work, training when it builds its data."""
+        tok = self.tokenizer(cfg)
+        reason = too_long_prompt(cfg, [len(tok.encode_prompt(p)) for p in prompts], prompts)
+        if reason:
+            raise ConfigError(reason)
 
     def _stream(self, cfg: LladaConfig, split: str, rank: int, world: int, batch_multiple: int):
         micro = (cfg.eval.micro_batch or cfg.train.micro_batch) if split == "val" else cfg.train.micro_batch
@@ -273,14 +321,20 @@ class LladaRecipe(Recipe):
                 prompts.append(ids[:p])
                 references.append(ids[p:p + a - 1])
         share = max(1, cfg.eval.samples // world)
-        prompts, references = prompts[:share], references[:share]
+        # A held-out prompt too long for prompt + sample.gen_length <= model.max_seq_len is decoded cut (every rank
+        # keeps its number of forwards, as ZeRO-3 needs) and counted wrong; the count is printed.
+        prompts, cut = fit_prompts(prompts[:share], prompt_room(cfg))
+        references = references[:share]
         tok = self.tokenizer(cfg)
         answers, _ = generate_answers(model, cfg, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
                                       device=dist.device(), lockstep=cfg.train.zero_stage == 3, gen=gen)
         # Compared as text up to whitespace (the tokenizer's decoding; a BPE may spell one text in two ways)
-        right = sum(exact_match(tok.decode(a), tok.decode(r)) for a, r in zip(answers, references))
-        right, count = dist.all_reduce([float(right),
-                                        float(len(references))], op="sum")
+        right = sum(exact_match(tok.decode(a), tok.decode(r)) and not c for a, r, c in zip(answers, references, cut))
+        right, count, too_long = dist.all_reduce([float(right), float(len(references)), float(sum(cut))], op="sum")
+        if too_long and dist.is_main():
+            print(f"warning: eval: {int(too_long)} of {int(count)} held-out prompts are longer than "
+                  f"model.max_seq_len={cfg.model.max_seq_len} - sample.gen_length={cfg.sample.gen_length} tokens: "
+                  "decoded cut and counted wrong in exact_match", flush=True)
         return right / max(count, 1.0)
 
     def sample(self, cfg: LladaConfig, model, helpers, rank: int, world: int, step: int, out_dir: str) -> list[str]:
@@ -345,6 +399,7 @@ class LladaRecipe(Recipe):
             written = hf_io.write(state_dict, cfg.model, out_dir, tokenizer if tokenizer.is_file() else None, source)
         if cfg.objective.name == "block_diffusion":  # the exported model attends block-causally (LLaDA2Pipeline)
             record_block_size(out_dir, cfg.objective.block_size)
+        record_shift(out_dir, cfg.objective.shift)  # how its logits align (LladaHFConfig.shift)
         return written
 
     def initial_weights(self, cfg: LladaConfig, path: str) -> dict:
