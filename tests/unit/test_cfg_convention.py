@@ -110,7 +110,9 @@ def test_llada_published_cfg_w_is_our_w_plus_one():
 VIDEO_DIT = "recipes/video_dit/configs/tiny.yaml"
 VIDEO_DIT_SMALL = ["model.in_channels=4", "model.dim=32", "model.depth=2", "model.heads=2", "model.ffn_hidden=64",
                    "model.text_dim=32", "text.layers=1", "text.heads=2", "data.buckets=['16x32x5:1']",
-                   "train.micro_batch=1", "train.global_batch=1", "sample.steps=3", "vae.scale=1.0"]
+                   "train.micro_batch=1", "train.global_batch=1", "sample.steps=3", "vae.scale=1.0",
+                   # not the preset's exports/vae_tiny: a local export there (16 channels) would override in_channels
+                   "vae.path=tests/no_such_vae_export"]
 JOINT = "recipes/video_audio/configs/tiny.yaml"
 JOINT_SMALL = ["model.dim=32", "model.depth=2", "model.heads=2", "model.ffn_hidden=64", "model.text_dim=32",
                "text.layers=1", "text.heads=2", "data.buckets=['32x32x9:1']", "train.micro_batch=1",
