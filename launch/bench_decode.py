@@ -21,7 +21,8 @@ excluded) over the wall time of the whole decoding call. Every batch of prompts 
 decoder before the next batch, so machine drift hits all of them alike.
 
 `tok/fwd` is tokens over forwards; a forward runs the whole working batch, so per row it is this over the
-rows still decoding (--batch-size at most).
+rows still decoding (--batch-size at most). `ms/fwd` is the decoder's wall time over its forwards (the model and
+our bookkeeping): with tok/fwd it says whether a decoder wins by committing more per forward or by cheaper ones.
 
 --random-shape builds a model of a preset's shape with random weights (no checkpoint): only speed
 means anything then, and a random model is rarely confident, so the threshold decoder commits about one
@@ -179,6 +180,7 @@ def run(args: argparse.Namespace) -> dict:
         report[name] = {"tokens_per_s": rate, "speedup_vs_reference": rate / base, "seconds": s["seconds"],
                         "tokens": s["tokens"], "forwards": s["forwards"],
                         "tokens_per_forward": s["tokens"] / max(s["forwards"], 1),
+                        "ms_per_forward": 1000 * s["seconds"] / max(s["forwards"], 1),
                         "exact_match": s["correct"] / len(prompts_ids) if references is not None else None}
     return report
 
@@ -187,12 +189,15 @@ def print_report(report: dict, args: argparse.Namespace) -> None:
     print(f"decode benchmark: {args.prompts} prompts, gen_length {args.gen_length}, block {args.block_length}, "
           f"threshold {args.threshold}, cache refresh every {args.refresh_every or 'block'} steps, "
           f"batch {args.batch_size}, device {args.device}")
+    if "block_diffusion" in report:
+        print(f"block diffusion: blocks of {args.block_size}, at most {args.block_steps or args.block_size} forwards "
+              "each, the same threshold")
     print(f"{'decoder':<18}{'tokens/s':>10}{'speed-up':>10}{'exact match':>13}{'forwards':>10}{'tokens':>8}"
-          f"{'tok/fwd':>9}")
+          f"{'tok/fwd':>9}{'ms/fwd':>9}")
     for name, r in report.items():
         acc = "-" if r["exact_match"] is None else f"{100 * r['exact_match']:.1f}%"
         print(f"{name:<18}{r['tokens_per_s']:>10.1f}{r['speedup_vs_reference']:>9.2f}x{acc:>13}"
-              f"{r['forwards']:>10}{r['tokens']:>8}{r['tokens_per_forward']:>9.2f}")
+              f"{r['forwards']:>10}{r['tokens']:>8}{r['tokens_per_forward']:>9.2f}{r['ms_per_forward']:>9.2f}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -51,11 +51,13 @@ def test_decode_benchmark_has_the_block_diffusion_row(export, tmp_path):
     out = run("launch/benchmark.py", "decode", "--masked", str(bd), "--block-diffusion", str(bd), "--prompts", "4",
               "--gen-length", "16", "--block-length", "16", "--batch-size", "4", "--threshold", "0.3",
               "--out", str(report))
-    assert "block_diffusion" in out.stdout and "tok/fwd" in out.stdout
+    assert "block_diffusion" in out.stdout and "tok/fwd" in out.stdout and "ms/fwd" in out.stdout
+    assert "block diffusion: blocks of 8, at most 8 forwards each" in out.stdout  # the run's block, not 16
     result = json.loads(report.read_text())
     assert set(result) == {"reference", "threshold", "threshold+prefix", "threshold+dual", "block_diffusion"}
     r = result["block_diffusion"]
     assert r["tokens"] > 0 and r["forwards"] > 0 and r["tokens_per_forward"] == r["tokens"] / r["forwards"]
+    assert r["ms_per_forward"] == 1000 * r["seconds"] / r["forwards"]
 
 
 def up_to_eos(row: list[int], eos: int) -> list[int]:
