@@ -138,6 +138,12 @@ def too_long_prompt(cfg: LladaConfig, lengths: list[int], texts: list[str]) -> s
     return None
 
 
+def will_evaluate(cfg: LladaConfig) -> bool:
+    """Whether this run reaches an evaluation (eval.at_end, or an eval.every within train.steps): a short run of a
+    preset whose sample prompts outgrow a small model's positions is not refused for an eval it never does."""
+    return bool(cfg.eval.at_end or 0 < cfg.eval.every <= cfg.train.steps)
+
+
 def fit_prompts(prompts: list[list[int]], room: int) -> tuple[list[list[int]], list[bool]]:
     """Prompts cut to their last `room` tokens (so every rank decodes as many rows as before) and which were cut."""
     cut = [len(p) > room for p in prompts]
@@ -235,7 +241,7 @@ class LladaRecipe(Recipe):
 
     def build_data(self, cfg: LladaConfig, split: str, rank: int, world: int, batch_multiple: int = 1):
         self.check_tokenizer(cfg)
-        if split == "train" and (cfg.eval.every or cfg.eval.at_end) and cfg.eval.samples > 0:
+        if split == "train" and will_evaluate(cfg) and cfg.eval.samples > 0:
             self.check_sample_lengths(cfg, cfg.sample.prompts[: cfg.eval.samples])  # now, not at the first eval
             if cfg.data.kind == "sft" and prompt_room(cfg) < 1:  # held-out prompts are decoded for exact_match
                 raise ConfigError(too_long_prompt(cfg, [1], ["a held-out prompt"]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 
 import torch
@@ -159,7 +160,7 @@ def check(family: str, stage: int) -> dict:
     diffs = {n: [float((g - q.grad).abs().max()), float(q.grad.abs().max())]
              for n, g, q in zip(names, grads, reference.parameters())}
     zero_grads = [n for n, q in zip(names, reference.parameters()) if not q.grad.abs().sum()]
-    return {"loss": float(loss), "ref_loss": float(ref_loss), "eval": float(eval_sp), "ref_eval": float(eval_ref),
+    return {"loss": float(loss.detach()), "ref_loss": float(ref_loss.detach()), "eval": float(eval_sp), "ref_eval": float(eval_ref),
             "grad_diff_and_scale": diffs, "zero_ref_grads": zero_grads,
             "ref_grad_norm": float(torch.cat([q.grad.flatten() for q in reference.parameters()]).norm())}
 
@@ -172,6 +173,12 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump(results, f, indent=1)
     dist.shutdown()
+    # Every result is written: leave without interpreter finalisation. Under CI load a rank of this all-to-all
+    # heavy worker aborted after the teardown ("terminate called without an active exception", SIGABRT): Gloo
+    # work objects still referenced from Python were freed during finalisation (pytorch/pytorch#179291).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

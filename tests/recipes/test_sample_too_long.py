@@ -13,7 +13,7 @@ import pytest
 
 from framework.checkpoint import complete_checkpoints, read_meta
 from framework.recipe import load_run_config
-from recipes.llada.recipe import fit_prompts, prompt_room
+from recipes.llada.recipe import fit_prompts, prompt_room, will_evaluate
 from tests.runs import ROOT, env, train
 
 PROMPT = "The minister said"
@@ -54,6 +54,18 @@ def test_training_refuses_too_long_eval_prompts_before_any_step(text_data, tmp_p
     assert "Traceback" not in out.stderr and "sample.gen_length=96" in out.stderr
     assert "model.max_seq_len=64" in out.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or "loss" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_only_a_run_that_reaches_an_eval_checks_its_prompts():
+    """The README's 8B presets evaluate every 1000 steps: a 2-step tiny run of them is not refused for prompts
+    outgrowing its tiny folder's positions, a run reaching eval.every or eval.at_end is."""
+    preset = str(ROOT / "recipes/llada/configs/llada_8b_sft_lora.yaml")
+    for overrides, evaluates in ((["train.steps=2", "eval.at_end=false"], False),
+                                 (["train.steps=1000", "eval.at_end=false"], True),
+                                 (["train.steps=2", "eval.at_end=true"], True),
+                                 (["train.steps=5000", "eval.every=0", "eval.at_end=false"], False)):
+        cfg, _ = load_run_config(preset, overrides, world=1)
+        assert will_evaluate(cfg) is evaluates, overrides
 
 
 def test_held_out_prompts_are_cut_to_the_room_left():
