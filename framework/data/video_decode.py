@@ -328,8 +328,10 @@ def resize_crop(frames: np.ndarray, height: int, width: int, rng: np.random.Gene
 
 
 def to_unit_range(video: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (any shape, any device) -> float32 in [-1, 1], as resize_crop returns them."""
-    return video.to(torch.float32).mul_(1 / 127.5).sub_(1.0)
+    """uint8 pixels (any shape, any device) -> float32 in [-1, 1], as resize_crop returns them, in the contiguous
+    layout whatever the input's (the loader's uint8 batches are a permuted view of frame-interleaved memory)."""
+    out = torch.empty(video.shape, dtype=torch.float32, device=video.device)
+    return out.copy_(video).mul_(1 / 127.5).sub_(1.0)
 
 
 def as_rgb255(video: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:

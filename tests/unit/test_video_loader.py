@@ -273,6 +273,10 @@ def test_uint8_output_is_the_same_pixels(videos):
     for x, y in zip(take(f, 3), take(u, 3)):
         assert y["video"].dtype == torch.uint8 and x["key"] == y["key"]
         assert torch.equal(to_unit_range(y["video"]), x["video"])
+        # uint8 clips cross the worker boundary frame-interleaved, as decoded (one straight copy per clip), and
+        # leave to_unit_range in the contiguous layout the float path has.
+        assert y["video"].permute(0, 2, 3, 4, 1).is_contiguous() and not y["video"].is_contiguous()
+        assert to_unit_range(y["video"]).is_contiguous() and x["video"].is_contiguous()
 
 
 def test_load_state_rejects_another_run(videos):
